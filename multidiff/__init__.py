@@ -1,0 +1,13 @@
+"""multidiff: diffusion models across modalities with one modality-agnostic core."""
+
+__version__ = "0.1.0"
+
+
+def load(path, *, device=None):
+    """Load an exported model directory or a ``.ckpt`` for generation (see :mod:`multidiff.pipeline`)."""
+    from multidiff.pipeline import load as _load
+
+    return _load(path, device=device)
+
+
+__all__ = ["load", "__version__"]

@@ -1,0 +1,1 @@
+"""Modality adapters: raw file <-> raw tensor <-> model tensor. One file per modality."""

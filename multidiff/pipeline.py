@@ -1,0 +1,290 @@
+"""Generation without Hydra: load an exported model (or a checkpoint) and sample from prompts.
+
+    >>> import multidiff
+    >>> pipe = multidiff.load("runs/digits/model")
+    >>> images = pipe.generate(["a handwritten digit seven"], num_samples=4, seed=0)
+    >>> pipe.save(images, "out/")
+
+An exported model directory holds ``multidiff.json`` (a format marker), ``config.yaml`` (the
+resolved config of the run) and ``backbone/`` (the EMA weights, as safetensors; diffusers'
+``save_pretrained`` layout for diffusers backbones). Nothing is unpickled and only allow-listed
+``_target_``s are built (:mod:`multidiff.configuration`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from multidiff.configuration import safe_instantiate, trusted_prefixes
+from multidiff.core.cond import Cond
+from multidiff.core.denoiser import Denoiser
+from multidiff.core.guidance import CFGDenoiser
+from multidiff.core.noise import PerSampleGenerator
+from multidiff.core.samplers import SAMPLERS
+
+FORMAT = "multidiff-model"
+FORMAT_VERSION = 1
+MODEL_KEYS = ("modality", "backbone", "diffusion", "conditioning", "trusted_targets")
+
+
+class ModelLoadError(ValueError):
+    """A path is not a multidiff model or checkpoint."""
+
+
+class GenerationError(ValueError):
+    """Generation options are invalid."""
+
+
+@dataclass
+class ModelParts:
+    adapter: object
+    denoiser: Denoiser
+    schedule: object
+    conditioner: object
+
+
+def model_config(cfg: DictConfig) -> DictConfig:
+    """The part of a run's config needed to rebuild the model, resolved to plain values."""
+    keep = {k: cfg[k] for k in MODEL_KEYS if k in cfg}
+    return OmegaConf.create(OmegaConf.to_container(OmegaConf.create(keep), resolve=True))
+
+
+def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None) -> ModelParts:
+    """Instantiate adapter, denoiser (random backbone weights), schedule and conditioner."""
+    trusted = trusted_prefixes(cfg)
+    make = lambda node, **kw: safe_instantiate(node, trusted=trusted, source=source, **kw)  # noqa: E731
+    adapter = make(cfg.modality)
+    backbone = make(cfg.backbone)
+    schedule = make(cfg.diffusion.schedule)
+    param = make(cfg.diffusion.parameterization)
+    denoiser = Denoiser(backbone, param, loss_weighting=cfg.diffusion.get("loss_weighting", "none"))
+    if conditioner is None:
+        conditioner = make(cfg.conditioning.encoder)
+    return ModelParts(adapter, denoiser, schedule, conditioner)
+
+
+def export_model(directory: str | Path, cfg: DictConfig, backbone) -> Path:
+    """Write an exported model: marker, resolved model config and backbone weights (atomically)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    backbone.save_pretrained(tmp / "backbone")
+    (tmp / "config.yaml").write_text(OmegaConf.to_yaml(model_config(cfg)), encoding="utf-8")
+    (tmp / "multidiff.json").write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION}), encoding="utf-8")
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def _read_model(path: Path) -> tuple[DictConfig, callable]:
+    """Config and a weight-loading function for an exported directory or a ``.ckpt``."""
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist; pass an exported model directory (RUN/model) or a .ckpt")
+    if path.is_dir():
+        marker = path / "multidiff.json"
+        if not marker.is_file():
+            hint = " (did you mean its model/ subfolder?)" if (path / "model" / "multidiff.json").is_file() else ""
+            raise ModelLoadError(f"{path} is not a multidiff model: it has no multidiff.json{hint}")
+        info = json.loads(marker.read_text())
+        if info.get("format") != FORMAT:
+            raise ModelLoadError(f"{marker} does not describe a multidiff model (format={info.get('format')!r})")
+        cfg = OmegaConf.load(path / "config.yaml")
+        return cfg, lambda parts: parts.denoiser.backbone.load_pretrained(path / "backbone")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot load {path} as a checkpoint with weights_only=True ({type(e).__name__}: {str(e)[:200]}); "
+            "multidiff loads only plain tensor checkpoints, never pickled code"
+        ) from e
+    if not isinstance(ckpt, dict) or "multidiff_config" not in ckpt:
+        raise ModelLoadError(f"{path} is not a multidiff checkpoint (no multidiff_config inside)")
+    cfg = OmegaConf.create(ckpt["multidiff_config"])
+
+    def load(parts: ModelParts) -> None:
+        prefix = "ema.backbone."
+        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        parts.denoiser.backbone.load_state_dict(state)
+
+    return cfg, load
+
+
+class Pipeline:
+    """Prompts -> decoded samples for any modality. Build with :func:`multidiff.load`."""
+
+    def __init__(self, parts: ModelParts, *, config: DictConfig, source: str = "", device: str | None = None) -> None:
+        self.adapter, self.denoiser = parts.adapter, parts.denoiser.eval()
+        self.schedule, self.conditioner = parts.schedule, parts.conditioner
+        self.config, self.source = config, source
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.denoiser.to(self.device)
+        self.conditioner.to(self.device)
+        self._last: dict | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | None = None) -> Pipeline:
+        path = Path(path)
+        cfg, load_weights = _read_model(path)
+        parts = build_parts(cfg, source=str(path))
+        load_weights(parts)
+        return cls(parts, config=cfg, source=str(path), device=device)
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        return self.conditioner.encode(prompts)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: str | list[str],
+        *,
+        num_samples: int = 1,
+        seed: int = 0,
+        sampler: str | callable = "dpmpp_2m",
+        sampler_name: str | None = None,
+        steps: int = 20,
+        guidance_scale: float = 4.0,
+        negative_prompt: str | None = None,
+        batch_size: int = 16,
+        sigmas: Tensor | None = None,
+        progress: bool = True,
+        **shape_options,
+    ) -> Tensor:
+        """Sample ``num_samples`` per prompt; returns decoded raw samples ``(N, *raw_shape)``.
+
+        Sample ``k`` (prompt-major order) uses seed ``seed + k`` and is identical whatever
+        ``batch_size`` it is drawn in. ``shape_options`` (e.g. ``duration``, ``num_frames``) go to
+        the adapter's ``sample_shape``.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        fn, default_name = self._sampler(sampler)
+        sampler_name = sampler_name or default_name
+        _check_options(prompts, num_samples, steps, guidance_scale, batch_size)
+        sigmas = self.schedule.sigmas(steps) if sigmas is None else sigmas
+        shape = tuple(self.adapter.sample_shape(**shape_options))
+        flat = [p for p in prompts for _ in range(num_samples)]
+        seeds = [seed + k for k in range(len(flat))]
+        bar = _progress(progress, total=math.ceil(len(flat) / batch_size) * (len(sigmas) - 1))
+        outputs = []
+        for start in range(0, len(flat), batch_size):
+            chunk, chunk_seeds = flat[start : start + batch_size], seeds[start : start + batch_size]
+            x0 = self.sample_tensors(
+                chunk, chunk_seeds, shape, fn, sigmas, guidance_scale, negative_prompt, callback=bar
+            )
+            outputs.extend(self.adapter.decode(x).cpu() for x in x0)
+        if bar is not None:
+            bar.close()
+        samples = torch.stack(outputs)
+        self._last = {
+            "id": id(samples), "prompts": flat, "seeds": seeds, "sampler": sampler_name, "steps": steps,
+            "guidance_scale": guidance_scale, "negative_prompt": negative_prompt, "options": shape_options,
+        }
+        return samples
+
+    def sample_tensors(self, prompts, seeds, shape, fn, sigmas, guidance_scale, negative_prompt=None, callback=None):
+        """Model tensors ``(B, *shape)`` for prompts and per-sample seeds (no decoding)."""
+        return sample_prompts(
+            self.denoiser, self.conditioner, prompts, seeds, shape, fn, sigmas,
+            guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=self.device, callback=callback,
+        )
+
+    @staticmethod
+    def _sampler(sampler):
+        if callable(sampler):
+            return sampler, getattr(sampler, "__name__", "custom").removeprefix("sample_")
+        if sampler not in SAMPLERS:
+            raise GenerationError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        return SAMPLERS[sampler], sampler
+
+    def save(self, samples: Tensor, out: str | Path, *, overwrite: bool = False, model: str | None = None,
+             prompts: list[str] | None = None, seeds: list[int] | None = None, **extra) -> list[Path]:
+        """Write each sample with the adapter's writer (``0000.png``, ...) and ``metadata.jsonl``.
+
+        Prompts, seeds and sampler settings default to those of the ``generate`` call that made
+        ``samples``. Refuses an ``out`` directory that already holds results unless ``overwrite``.
+        """
+        out = Path(out)
+        meta_path = out / "metadata.jsonl"
+        if meta_path.exists() and not overwrite:
+            raise GenerationError(
+                f"output directory {out} already holds results (metadata.jsonl); choose another out= "
+                "or pass overwrite=true to replace them"
+            )
+        last = self._last if self._last and self._last["id"] == id(samples) else {}
+        prompts = prompts or last.get("prompts") or [""] * len(samples)
+        seeds = seeds or last.get("seeds") or [None] * len(samples)
+        if len(prompts) != len(samples) or len(seeds) != len(samples):
+            raise GenerationError(f"{len(samples)} samples but {len(prompts)} prompts and {len(seeds)} seeds")
+        out.mkdir(parents=True, exist_ok=True)
+        options = last.get("options", {})
+        extra_meta = self.adapter.metadata(**options)
+        suffix = extra.pop("suffix", None) or self.adapter.suffix
+        paths, rows = [], []
+        for k, (raw, prompt, s) in enumerate(zip(samples, prompts, seeds)):
+            path = out / f"{k:04d}{suffix}"
+            self.adapter.save(raw, path)
+            paths.append(path)
+            rows.append({
+                "file": path.name, "prompt": prompt, "seed": s, "sampler": last.get("sampler"),
+                "steps": last.get("steps"), "guidance_scale": last.get("guidance_scale"),
+                "negative_prompt": last.get("negative_prompt"), "model": model or self.source,
+                **extra_meta, **extra,
+            })
+        tmp = meta_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, meta_path)
+        return paths
+
+
+@torch.no_grad()
+def sample_prompts(denoiser, conditioner, prompts, seeds, shape, fn, sigmas, *, guidance_scale, negative_prompt=None,
+                   device="cpu", callback=None) -> Tensor:
+    """Sample model tensors ``(B, *shape)``: seeded noise, prompts encoded, CFG, then ``fn``.
+
+    ``callback`` (e.g. a tqdm bar) gets ``update(1)`` after every sampler step.
+    """
+    gen = PerSampleGenerator(seeds)
+    sigmas = sigmas.to(torch.float32)
+    x = gen.randn((len(prompts), *shape), device=device) * float(sigmas[0])
+    cond = conditioner.encode(prompts)
+    uncond = conditioner.encode([negative_prompt]) if negative_prompt else conditioner.null()
+    guided = CFGDenoiser(denoiser, uncond, guidance_scale)
+    step = None if callback is None else (lambda info: callback.update(1))
+    return fn(guided, x, sigmas, cond=cond, generator=gen, callback=step)
+
+
+def _check_options(prompts, num_samples, steps, guidance_scale, batch_size) -> None:
+    if not prompts:
+        raise GenerationError("no prompts given: pass prompt=... or prompts_file=FILE")
+    for name, value in (("num_samples", num_samples), ("steps", steps), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise GenerationError(f"{name} must be a positive integer, got {value!r}")
+    if guidance_scale < 0:
+        raise GenerationError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sampling", unit="step", dynamic_ncols=True)
+
+
+def load(path: str | Path, *, device: str | None = None) -> Pipeline:
+    """Load an exported model directory or a ``.ckpt`` as a :class:`Pipeline`."""
+    return Pipeline.load(path, device=device)

@@ -1,0 +1,1 @@
+"""Lightning training: one modality-free LightningModule, a DataModule, EMA and callbacks."""

@@ -1,0 +1,79 @@
+"""Callbacks: sample previews written to the run directory and the logger."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from multidiff.adapters.base import preview_grid
+from multidiff.pipeline import sample_prompts
+
+log = logging.getLogger(__name__)
+
+
+class SamplePreviews(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end), sample ``prompts`` with the EMA
+    denoiser and write a preview grid to ``run_dir/samples/step_NNNNNN.png`` and the logger.
+
+    The adapter, schedule and sampler are handed over by the training entry point; the callback
+    itself knows no modality: it calls ``adapter.decode``, ``adapter.preview`` and, when the
+    adapter has one, ``adapter.log_media`` (e.g. audio clips, videos).
+    """
+
+    def __init__(
+        self,
+        prompts: list[str],
+        *,
+        every_n_steps: int = 250,
+        num_per_prompt: int = 2,
+        steps: int = 20,
+        guidance_scale: float = 4.0,
+        seed: int = 0,
+        at_end: bool = True,
+    ) -> None:
+        self.prompts, self.every_n_steps, self.num_per_prompt = list(prompts), every_n_steps, num_per_prompt
+        self.steps, self.guidance_scale, self.seed, self.at_end = steps, guidance_scale, seed, at_end
+        self.adapter = self.schedule = self.sampler = self.run_dir = None
+        self._last_step = -1
+
+    def bind(self, *, adapter, schedule, sampler, run_dir: str | Path) -> SamplePreviews:
+        self.adapter, self.schedule, self.sampler, self.run_dir = adapter, schedule, sampler, Path(run_dir)
+        return self
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_end and trainer.global_step != self._last_step:
+            self.write(trainer, pl_module)
+
+    @torch.no_grad()
+    def write(self, trainer, pl_module) -> Path | None:
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero or self.adapter is None or not self.prompts:
+            return None
+        flat = [p for p in self.prompts for _ in range(self.num_per_prompt)]
+        seeds = [self.seed + k for k in range(len(flat))]
+        x0 = sample_prompts(
+            pl_module.ema, pl_module.conditioner, flat, seeds, tuple(self.adapter.sample_shape()), self.sampler,
+            self.schedule.sigmas(self.steps), guidance_scale=self.guidance_scale, device=pl_module.device,
+        )
+        raws = [self.adapter.decode(x).cpu() for x in x0]
+        grid = preview_grid([self.adapter.preview(r) for r in raws], nrow=self.num_per_prompt * 2)
+        out = self.run_dir / "samples" / f"step_{trainer.global_step:06d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from torchvision.utils import save_image
+
+        save_image(grid, out)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                experiment.add_image("samples", grid, trainer.global_step)
+            if hasattr(self.adapter, "log_media"):
+                self.adapter.log_media(logger, raws, flat, trainer.global_step, self.run_dir / "samples")
+        return out

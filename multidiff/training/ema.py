@@ -1,0 +1,22 @@
+"""Exponential moving average of weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` for parameters; buffers are copied."""
+    e_params = [p for p in ema.parameters()]
+    m_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e_params, m_params, 1 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+def ema_decay(step: int, max_decay: float, warmup: bool = True) -> float:
+    """Decay at optimizer step ``step``: ramps as ``(1 + step) / (10 + step)`` up to ``max_decay``,
+    so short runs are not dominated by their random initialization."""
+    return min(max_decay, (1 + step) / (10 + step)) if warmup else max_decay
