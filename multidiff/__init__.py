@@ -3,11 +3,11 @@
 __version__ = "0.1.0"
 
 
-def load(path, *, device=None):
+def load(path, *, device=None, trusted_targets=()):
     """Load an exported model directory or a ``.ckpt`` for generation (see :mod:`multidiff.pipeline`)."""
     from multidiff.pipeline import load as _load
 
-    return _load(path, device=device)
+    return _load(path, device=device, trusted_targets=trusted_targets)
 
 
 __all__ = ["load", "__version__"]

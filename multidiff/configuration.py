@@ -47,7 +47,8 @@ def check_targets(cfg, *, trusted: Iterable[str] = (), source: str = "config") -
             raise UnsafeConfigError(
                 f"{source}: '{where}._target_: {target}' is outside the allowed namespaces "
                 f"({', '.join(prefixes)}); nothing was imported or run. If you trust this code, add its "
-                f"module prefix to trusted_targets (e.g. trusted_targets=[{target.rsplit('.', 1)[0]}.])"
+                f"package to trusted_targets: trusted_targets=[{target.split('.', 1)[0]}.] on the command line "
+                "(or in your own train config; a list inside a model file is never trusted)"
             )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,9 +58,13 @@ def model_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create(OmegaConf.to_container(OmegaConf.create(keep), resolve=True))
 
 
-def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None) -> ModelParts:
-    """Instantiate adapter, denoiser (random backbone weights), schedule and conditioner."""
-    trusted = trusted_prefixes(cfg)
+def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None, trusted=None) -> ModelParts:
+    """Instantiate adapter, denoiser (random backbone weights), schedule and conditioner.
+
+    ``trusted``: extra ``_target_`` prefixes allowed; ``None`` takes the config's own
+    ``trusted_targets`` (right for a config the user composed, never for a file from elsewhere).
+    """
+    trusted = trusted_prefixes(cfg) if trusted is None else tuple(trusted)
     make = lambda node, **kw: safe_instantiate(node, trusted=trusted, source=source, **kw)  # noqa: E731
     adapter = make(cfg.modality)
     backbone = make(cfg.backbone)
@@ -76,16 +81,12 @@ def export_model(directory: str | Path, cfg: DictConfig, backbone) -> Path:
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     backbone.save_pretrained(tmp / "backbone")
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(model_config(cfg)), encoding="utf-8")
     (tmp / "multidiff.json").write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION}), encoding="utf-8")
     if directory.exists():
-        import shutil
-
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
@@ -137,10 +138,16 @@ class Pipeline:
         self._last: dict | None = None
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | None = None) -> Pipeline:
+    def load(cls, path: str | Path, *, device: str | None = None, trusted_targets=()) -> Pipeline:
+        """Load an export or checkpoint. Only ``multidiff.`` targets (and the caller's explicit
+        ``trusted_targets`` prefixes, never a list written inside the file) are instantiated."""
         path = Path(path)
         cfg, load_weights = _read_model(path)
-        parts = build_parts(cfg, source=str(path))
+        if OmegaConf.select(cfg, "backbone.init_from", default=None) is not None:
+            # init_from names weights to start *training* from (e.g. an image model to inflate);
+            # the trained weights loaded below replace them, so that file need not exist any more
+            cfg.backbone.init_from = None
+        parts = build_parts(cfg, source=str(path), trusted=trusted_targets)
         load_weights(parts)
         return cls(parts, config=cfg, source=str(path), device=device)
 
@@ -157,7 +164,7 @@ class Pipeline:
         sampler: str | callable = "dpmpp_2m",
         sampler_name: str | None = None,
         steps: int = 20,
-        guidance_scale: float = 4.0,
+        guidance_scale: float = 2.0,
         negative_prompt: str | None = None,
         batch_size: int = 16,
         sigmas: Tensor | None = None,
@@ -175,7 +182,10 @@ class Pipeline:
         sampler_name = sampler_name or default_name
         _check_options(prompts, num_samples, steps, guidance_scale, batch_size)
         sigmas = self.schedule.sigmas(steps) if sigmas is None else sigmas
-        shape = tuple(self.adapter.sample_shape(**shape_options))
+        try:
+            shape = tuple(self.adapter.sample_shape(**shape_options))
+        except ValueError as e:  # the adapter rejects a length option (num_frames=, duration=, ...)
+            raise GenerationError(str(e)) from None
         flat = [p for p in prompts for _ in range(num_samples)]
         seeds = [seed + k for k in range(len(flat))]
         bar = _progress(progress, total=math.ceil(len(flat) / batch_size) * (len(sigmas) - 1))
@@ -185,7 +195,7 @@ class Pipeline:
             x0 = self.sample_tensors(
                 chunk, chunk_seeds, shape, fn, sigmas, guidance_scale, negative_prompt, callback=bar
             )
-            outputs.extend(self.adapter.decode(x).cpu() for x in x0)
+            outputs.extend(self._decode(x, shape_options).cpu() for x in x0)
         if bar is not None:
             bar.close()
         samples = torch.stack(outputs)
@@ -201,6 +211,13 @@ class Pipeline:
             self.denoiser, self.conditioner, prompts, seeds, shape, fn, sigmas,
             guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=self.device, callback=callback,
         )
+
+    def _decode(self, x0: Tensor, options: dict) -> Tensor:
+        """One model tensor to a raw sample; an adapter whose raw length is finer than its model
+        tensor's (audio: samples vs. frames) trims it to the request with ``fit_length``."""
+        raw = self.adapter.decode(x0)
+        fit = getattr(self.adapter, "fit_length", None)
+        return fit(raw, **options) if fit is not None and options else raw
 
     @staticmethod
     def _sampler(sampler):
@@ -233,10 +250,13 @@ class Pipeline:
         options = last.get("options", {})
         extra_meta = self.adapter.metadata(**options)
         suffix = extra.pop("suffix", None) or self.adapter.suffix
+        # writer settings that follow from generation options (e.g. a video's playback fps)
+        save_options = getattr(self.adapter, "save_options", None)
+        writer_kwargs = save_options(**options) if save_options is not None else {}
         paths, rows = [], []
         for k, (raw, prompt, s) in enumerate(zip(samples, prompts, seeds)):
             path = out / f"{k:04d}{suffix}"
-            self.adapter.save(raw, path)
+            self.adapter.save(raw, path, **writer_kwargs)
             paths.append(path)
             rows.append({
                 "file": path.name, "prompt": prompt, "seed": s, "sampler": last.get("sampler"),
@@ -285,6 +305,10 @@ def _progress(enabled: bool, total: int):
     return tqdm(total=total, desc="sampling", unit="step", dynamic_ncols=True)
 
 
-def load(path: str | Path, *, device: str | None = None) -> Pipeline:
-    """Load an exported model directory or a ``.ckpt`` as a :class:`Pipeline`."""
-    return Pipeline.load(path, device=device)
+def load(path: str | Path, *, device: str | None = None, trusted_targets=()) -> Pipeline:
+    """Load an exported model directory or a ``.ckpt`` as a :class:`Pipeline`.
+
+    ``trusted_targets``: module prefixes (e.g. ``["my_package."]``) whose ``_target_``s the model's
+    config may instantiate besides ``multidiff.``; for models of modalities from your own package.
+    """
+    return Pipeline.load(path, device=device, trusted_targets=trusted_targets)

@@ -9,15 +9,38 @@ from torch import Tensor
 
 
 class Adapter:
-    """Base class of modality adapters.
+    """Base class of modality adapters: the public contract a new modality implements.
 
-    A modality implements ``load``, ``encode``, ``decode``, ``save`` and ``shape``; ``preview``
-    (an image ``(3, H, W)`` in ``[0, 1]`` for logging), ``extensions`` and ``suffix`` have defaults.
+    An adapter is the only code that knows what a tensor means. It turns one file into a *raw*
+    tensor (modality units: pixels in ``[0, 1]``, a waveform, a multichannel series), a raw
+    tensor into a *model* tensor ``x0`` of shape :attr:`shape` ``(C, *dims)`` (any rank; the
+    core, the training module and the samplers only ever see ``(B, C, *dims)``), and back.
 
-    - ``load(path) -> raw``: one file to a raw tensor (modality units, e.g. pixels in ``[0, 1]``).
-    - ``encode(raw) -> x0``: raw to a model tensor of shape ``self.shape`` (``(C, *dims)``).
-    - ``decode(x0) -> raw``: the inverse, for one sample (no batch dimension).
-    - ``save(raw, path)``: write one raw sample to ``path`` (its suffix picks the format).
+    **Required** (the smallest set a new modality implements; the defaults raise
+    ``NotImplementedError``):
+
+    - :attr:`shape` -> ``(C, *dims)``: the model tensor of one training sample;
+    - :meth:`load` ``(path) -> raw``: read one data file (suffixes in :attr:`extensions`);
+    - :meth:`encode` ``(raw) -> x0``: raw -> model tensor of shape :attr:`shape`, roughly unit scale;
+    - :meth:`decode` ``(x0) -> raw``: the inverse, one sample ``(C, *dims)`` -> raw (no batch dim);
+    - :meth:`save` ``(raw, path)``: write one generated sample (the suffix of ``path`` picks the format).
+
+    **Optional**, with defaults here:
+
+    - :attr:`extensions` (``()``: set it so :class:`~multidiff.datasets.folder.CaptionFolder`
+      finds your files) and :attr:`suffix` (``.bin``: the file type ``generate`` writes);
+    - :meth:`preview` ``(raw) -> (3, H, W)`` in ``[0, 1]`` (default: the first 2-D slice, min-max
+      scaled), :meth:`write_previews` (tiles previews into ``samples/step_N.png``),
+      :meth:`log_preview` (sends the grid to image-taking loggers), :meth:`log_media` (extra media,
+      e.g. audio clips; none by default);
+    - :meth:`sample_shape` ``(**options)`` and :meth:`metadata` ``(**options)``: the model-tensor
+      shape to generate and extra ``metadata.jsonl`` fields, given the ``generate`` length
+      options (``duration``, ``num_frames``, ``fps``); defaults: :attr:`shape` and ``{}``.
+    - ``fit_length(raw, **options) -> raw`` (not defined here, looked up by the pipeline): trim a
+      decoded sample to the requested length when raw time is finer than model time (audio).
+
+    Adapters are built from the ``modality`` config with ``_target_`` and keyword arguments, so
+    give ``__init__`` plain typed keyword options. See ``docs/new_modality.md`` for a worked example.
     """
 
     extensions: tuple[str, ...] = ()
@@ -27,19 +50,25 @@ class Adapter:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+        """``(C, *dims)`` of one encoded training sample (the backbone config reads its channels)."""
+        raise NotImplementedError(f"{type(self).__name__} must define the property 'shape' -> (C, *dims)")
 
     def load(self, path: str | Path) -> Tensor:
-        raise NotImplementedError
+        """Read one data file to a raw tensor (its own size; ``encode`` fits it to :attr:`shape`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load(path) -> raw tensor")
 
     def encode(self, raw: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Raw tensor of one sample -> model tensor ``x0`` of shape :attr:`shape`, float32, roughly unit scale."""
+        raise NotImplementedError(f"{type(self).__name__} must implement encode(raw) -> x0 of shape self.shape")
 
     def decode(self, x0: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Model tensor of one sample ``(C, *dims)`` (dims may differ from training, see
+        :meth:`sample_shape`) -> raw tensor, ready for :meth:`save` and :meth:`preview`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement decode(x0) -> raw tensor")
 
     def save(self, raw: Tensor, path: str | Path) -> None:
-        raise NotImplementedError
+        """Write one raw sample to ``path``; its suffix (:attr:`suffix` or ``generate format=``) picks the format."""
+        raise NotImplementedError(f"{type(self).__name__} must implement save(raw, path)")
 
     def preview(self, raw: Tensor) -> Tensor:
         """A ``(3, H, W)`` image in ``[0, 1]`` showing one raw sample; default: the first 2-D slice."""
@@ -54,17 +83,48 @@ class Adapter:
         x = (x - lo) / (hi - lo).clamp_min(1e-8)
         return x[:1].expand(3, *x.shape[1:]) if x.shape[0] != 3 else x
 
+    def write_previews(self, raws: list[Tensor], stem: str | Path, *, nrow: int = 8) -> tuple[Path, Tensor]:
+        """Tile ``preview(raw)`` of each sample into one grid, write it to ``stem`` + ``.png``.
+
+        Returns the file and the grid ``(3, H, W)`` (for loggers that take images).
+        """
+        from torchvision.utils import save_image
+
+        grid = preview_grid([self.preview(r) for r in raws], nrow=nrow)
+        path = Path(stem).with_suffix(".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+        return path, grid
+
+    def log_preview(self, logger: object, grid: Tensor, step: int) -> None:
+        """Send a preview grid ``(3, H, W)`` to a Lightning logger that takes images (TensorBoard); others skip."""
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("samples", grid, step)
+
+    def log_media(self, logger: object, raws: list[Tensor], prompts: list[str], step: int, out_dir: Path) -> None:
+        """Modality-specific media for the logger and ``out_dir`` (e.g. audio clips); none by default.
+
+        ``raws`` are decoded preview samples (one per prompt in ``prompts``), ``step`` the global step.
+        """
+
     def sample_shape(self, **options) -> tuple[int, ...]:
-        """Model-tensor shape for generation; modalities with a length (audio, video) use options."""
+        """Model-tensor shape ``(C, *dims)`` to generate; modalities with a length (audio, video,
+        series) read ``generate``'s options (``duration``, ``num_frames``, ...), others ignore them."""
         return self.shape
 
     def metadata(self, **options) -> dict:
-        """Extra per-sample fields for ``metadata.jsonl`` (e.g. ``sample_rate``)."""
+        """Extra per-sample fields for ``metadata.jsonl`` (e.g. ``sample_rate``), JSON-serializable."""
         return {}
 
 
-def preview_grid(images: list[Tensor], nrow: int = 8, padding: int = 1) -> Tensor:
-    """Tile ``(3, H, W)`` previews into one grid image."""
+def preview_grid(images: list[Tensor], nrow: int = 8, padding: int = 2, min_side: int = 64) -> Tensor:
+    """Tile ``(3, H, W)`` previews into one grid image; tiles smaller than ``min_side`` are
+    enlarged (nearest neighbour) so that tiny samples stay visible."""
     from torchvision.utils import make_grid
 
-    return make_grid(torch.stack(images), nrow=nrow, padding=padding, pad_value=1.0)
+    batch = torch.stack(images)
+    scale = -(-min_side // min(batch.shape[-2:]))
+    if scale > 1:
+        batch = torch.nn.functional.interpolate(batch, scale_factor=scale, mode="nearest")
+    return make_grid(batch, nrow=nrow, padding=padding, pad_value=1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from multidiff.backbones.base import Backbone
@@ -56,7 +57,26 @@ class UNet2DCond(Backbone):
         )
         self.cross_attention_dim = cross_attention_dim
 
+    @property
+    def size_multiple(self) -> int:
+        """Spatial sizes the UNet takes without resampling: each down block but the last halves them."""
+        return 2 ** (len(self.unet.config.down_block_types) - 1)
+
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
+        """``x``: ``(B, C, H, W)`` of any ``H, W``; sizes that are not a multiple of
+        :attr:`size_multiple` (e.g. spectrograms of an arbitrary duration) are padded at the end
+        and the output cropped back, so every size gets the same aligned grid as training."""
+        h, w = x.shape[-2:]
+        m = self.size_multiple
+        pad_h, pad_w = -h % m, -w % m
+        if pad_h or pad_w:
+            # reflect keeps the padded strip noise-like, as the network expects; tiny inputs cannot reflect
+            mode = "reflect" if pad_h < h and pad_w < w else "constant"
+            out = self._forward(F.pad(x, (0, pad_w, 0, pad_h), mode=mode), c_noise, cond)
+            return out[..., :h, :w]
+        return self._forward(x, c_noise, cond)
+
+    def _forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
         tokens = mask = labels = None
         if cond is not None:
             tokens, mask, labels = cond.tokens, cond.mask, cond.labels

@@ -32,8 +32,22 @@ def available(group: str, extra_dirs: list[Path] = ()) -> list[str]:
     """Option names of a config group (``recipes`` or a ``conf/`` group) across search dirs."""
     root = config_root()
     base = root / group if group == RECIPE_GROUP else root / "conf" / group
-    dirs = [base] + [Path(d) / group for d in extra_dirs]
+    dirs = [base] + [Path(d) / group for d in _with_conf_dirs(extra_dirs)]
     return sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def _with_conf_dirs(dirs: list[Path]) -> list[Path]:
+    """Each user folder, followed by its ``conf/`` when it has one.
+
+    A plugin folder laid out like this project (``conf/<group>/*.yaml`` beside ``recipes/``)
+    then joins with one ``hydra.searchpath`` entry; a flat folder (``<group>/*.yaml``) works too.
+    """
+    out = []
+    for d in dirs:
+        out.append(d)
+        if (d / "conf").is_dir():
+            out.append(d / "conf")
+    return out
 
 
 def _searchpath_dirs(overrides: list[str]) -> list[Path]:
@@ -52,7 +66,7 @@ def translate(overrides: list[str]) -> list[str]:
         if o.startswith("recipe="):
             out.append(f"+{RECIPE_GROUP}@_global_={o.split('=', 1)[1]}")
         elif o.startswith("hydra.searchpath="):
-            user_paths.extend(f"file://{p.resolve()}" for p in _searchpath_dirs([o]))
+            user_paths.extend(f"file://{p.resolve()}" for p in _with_conf_dirs(_searchpath_dirs([o])))
         else:
             out.append(o)
     paths = [f"file://{config_root()}"] + user_paths

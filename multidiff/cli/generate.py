@@ -53,7 +53,8 @@ def run(cfg: DictConfig) -> list[Path]:
     if (out / "metadata.jsonl").exists() and not cfg.overwrite:
         raise ConfigError(f"out={out} already holds results (metadata.jsonl); choose a new out= or add overwrite=true")
     sampler = safe_instantiate(cfg.sampler.fn, source="sampler config")
-    pipe = Pipeline.load(str(model), device=cfg.get("device"))
+    trusted = [str(t) for t in cfg.get("trusted_targets") or []]
+    pipe = Pipeline.load(str(model), device=cfg.get("device"), trusted_targets=trusted)
     options = {k: cfg[k] for k in SHAPE_OPTIONS if cfg.get(k) is not None}
     try:
         samples = pipe.generate(

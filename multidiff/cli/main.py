@@ -21,12 +21,14 @@ COMMANDS = ("train", "generate", "recipes")
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from multidiff.cli.compose import ConfigError
+    from multidiff.cli.train import TrainingStopped
     from multidiff.conditioning.text import ConditioningError
     from multidiff.configuration import UnsafeConfigError
     from multidiff.datasets.folder import DatasetError
     from multidiff.pipeline import GenerationError, ModelLoadError
 
-    return ConfigError, ConditioningError, UnsafeConfigError, DatasetError, GenerationError, ModelLoadError
+    return (ConfigError, ConditioningError, UnsafeConfigError, DatasetError, GenerationError, ModelLoadError,
+            TrainingStopped)
 
 
 def _user_error(e: BaseException) -> str | None:

@@ -8,14 +8,20 @@ import time
 from functools import partial
 from pathlib import Path
 
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from multidiff.cli.compose import ConfigError
 from multidiff.configuration import safe_instantiate, trusted_prefixes
+from multidiff.training.faults import AtomicCheckpointIO, GracefulStop, NonFiniteGuard, NonFiniteLossError, SignalAtStep
 
 log = logging.getLogger("multidiff.train")
 
 RUN_DIR_ENV = "MULTIDIFF_RUN_DIR"
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (e.g. a non-finite loss under ``training.nonfinite=stop``)."""
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -26,6 +32,14 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         return Path(pinned)
     if cfg.get("run_dir"):
         run_dir = Path(str(cfg.run_dir))
+    elif os.environ.get("SLURM_JOB_ID"):  # every task of the job derives the same directory
+        recipe = OmegaConf.select(cfg, "recipe_name", default=None) or "train"
+        run_dir = Path("runs") / f"{recipe}-slurm{os.environ['SLURM_JOB_ID']}"
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "launched as one of several processes (torchrun or similar) without run_dir=: each process would pick "
+            "its own timestamped directory. Pass the same run_dir=DIR to every process"
+        )
     else:
         recipe = OmegaConf.select(cfg, "recipe_name", default=None) or "train"
         run_dir = Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -64,17 +78,24 @@ def build(cfg: DictConfig, run_dir: Path):
         num_workers=cfg.data.get("num_workers", 0),
         seed=cfg.seed,
     )
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    batch = batch_plan(cfg, trainer_kwargs)
     module = DiffusionModule(
         parts.denoiser,
         make(cfg.diffusion.noise),
         parts.conditioner,
-        make(cfg.optimizer),
+        make(cfg.optimizer, lr=batch["lr"]),
         make(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
         cond_dropout=cfg.conditioning.get("dropout", 0.1),
         ema_decay=cfg.training.ema_decay,
-        config=model_and_run_config(cfg),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        seed=cfg.seed,
+        nonfinite=cfg.training.get("nonfinite", "stop"),
+        inject_nan_at_step=cfg.training.get("inject_nan_at_step"),
     )
-    callbacks = []
+    callbacks = [GracefulStop(run_dir / "checkpoints" / "last.ckpt"), NonFiniteGuard(cfg.training.get("nonfinite", "stop"))]
+    if cfg.training.get("inject_signal_at_step") is not None:
+        callbacks.append(SignalAtStep(cfg.training.inject_signal_at_step, cfg.training.get("inject_signal", "SIGTERM")))
     samples_cfg = cfg.callbacks.get("samples")
     if samples_cfg is not None:
         cb = make(samples_cfg)
@@ -96,13 +117,70 @@ def build(cfg: DictConfig, run_dir: Path):
         )
     )
     logger = make(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger)
+    try:
+        trainer = L.Trainer(
+            **trainer_kwargs,
+            default_root_dir=str(run_dir),
+            callbacks=callbacks,
+            logger=logger,
+            plugins=[AtomicCheckpointIO()],
+            use_distributed_sampler=False,  # our batch sampler shards itself and resumes mid-epoch
+        )
+    except (ValueError, TypeError, MisconfigurationException) as e:
+        raise ConfigError(f"invalid trainer settings ({', '.join(f'{k}={v}' for k, v in trainer_kwargs.items())}): "
+                          f"{str(e).splitlines()[0]}") from None
     return parts, module, datamodule, trainer
 
 
-def model_and_run_config(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
+def batch_plan(cfg: DictConfig, trainer_kwargs: dict) -> dict:
+    """Global batch and the learning rate it implies, made explicit.
+
+    ``global = data.batch_size x devices x num_nodes x accumulate_grad_batches``; with
+    ``training.lr_scaling=linear`` (or ``sqrt``) the optimizer's lr is scaled by
+    ``global / training.base_batch_size`` (or its square root).
+    """
+    devices = trainer_kwargs.get("devices", 1)
+    n_dev = devices if isinstance(devices, int) and devices > 0 else len(devices) if isinstance(devices, list) else 1
+    if devices in (-1, "auto"):
+        import torch
+
+        n_dev = max(1, torch.cuda.device_count())
+    world = n_dev * int(trainer_kwargs.get("num_nodes", 1))
+    global_batch = cfg.data.batch_size * world * int(trainer_kwargs.get("accumulate_grad_batches", 1))
+    scaling = cfg.training.get("lr_scaling", "none")
+    base = cfg.training.get("base_batch_size", global_batch)
+    factor = {"none": 1.0, "linear": global_batch / base, "sqrt": (global_batch / base) ** 0.5}.get(scaling)
+    if factor is None:
+        raise ConfigError(f"training.lr_scaling={scaling!r} is invalid: choose none, linear or sqrt")
+    return {"world_size": world, "global_batch": global_batch, "lr": float(cfg.optimizer.lr) * factor}
+
+
+def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``resume=auto``: the newest checkpoint of the run directory (None if there is none);
+    ``resume=PATH``: that file, which must exist."""
+    resume = cfg.get("resume")
+    if resume in (None, False, "none", "null"):
+        return None
+    if str(resume) != "auto":
+        path = Path(str(resume))
+        if not path.is_file():
+            raise ConfigError(f"resume={resume}: no such checkpoint file; use resume=auto or an existing .ckpt")
+        return str(path)
+    candidates = [p for p in (run_dir / "checkpoints").glob("*.ckpt") if not p.name.startswith(".")]
+    candidates += list(run_dir.glob("hpc_ckpt_*.ckpt"))  # written by Lightning on SLURM requeue
+    if not candidates:
+        return None
+    import torch
+
+    def step_of(p: Path) -> tuple[int, float]:
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            return int(ckpt.get("global_step", -1)), p.stat().st_mtime
+        except Exception:  # a broken file is never the one to resume from
+            return -2, p.stat().st_mtime
+
+    best = max(candidates, key=step_of)
+    return str(best) if step_of(best)[0] >= 0 else None
 
 
 def run(cfg: DictConfig) -> Path:
@@ -119,7 +197,24 @@ def run(cfg: DictConfig) -> Path:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    trainer.fit(module, datamodule=datamodule)
+    ckpt_path = find_resume_checkpoint(cfg, run_dir)
+    if trainer.is_global_zero:
+        plan = batch_plan(cfg, OmegaConf.to_container(cfg.trainer, resolve=True))
+        log.info("global batch %d (%d per device x %d processes x %d accumulation), lr %.3g%s",
+                 plan["global_batch"], cfg.data.batch_size, plan["world_size"],
+                 cfg.trainer.get("accumulate_grad_batches", 1), plan["lr"],
+                 f"; resuming from {ckpt_path}" if ckpt_path else "")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            print(f"stopped by signal at step {trainer.global_step}; checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}"
+                  f"\nresume with: multidiff train ... run_dir={run_dir} resume=auto")
+        return run_dir
+    except NonFiniteLossError as e:
+        raise TrainingStopped(str(e)) from None
+    # last.ckpt is the final state even when training stopped between periodic checkpoints
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
         out = export_model(run_dir / "model", cfg, module.ema.backbone)
         log.info("exported model to %s", out)

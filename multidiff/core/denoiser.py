@@ -12,7 +12,6 @@ for v, ``noise - x0`` for flow, and so on: one loss serves all of them.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 

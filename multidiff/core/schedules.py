@@ -145,7 +145,8 @@ class FlowSchedule:
 
     @property
     def sigma_max(self) -> float:
-        return self.t_max / (1 - self.t_max)
+        t = self.shift * self.t_max / (1 + (self.shift - 1) * self.t_max)
+        return t / (1 - t)
 
     def sigmas(self, steps: int) -> Tensor:
         _check_steps(steps)

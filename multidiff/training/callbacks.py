@@ -8,7 +8,6 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from multidiff.adapters.base import preview_grid
 from multidiff.pipeline import sample_prompts
 
 log = logging.getLogger(__name__)
@@ -16,11 +15,11 @@ log = logging.getLogger(__name__)
 
 class SamplePreviews(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end), sample ``prompts`` with the EMA
-    denoiser and write a preview grid to ``run_dir/samples/step_NNNNNN.png`` and the logger.
+    denoiser and write a preview grid to ``run_dir/samples/step_NNNNNN`` and the logger.
 
     The adapter, schedule and sampler are handed over by the training entry point; the callback
-    itself knows no modality: it calls ``adapter.decode``, ``adapter.preview`` and, when the
-    adapter has one, ``adapter.log_media`` (e.g. audio clips, videos).
+    itself knows no modality: it calls ``adapter.decode``, ``adapter.write_previews`` and, when
+    the adapter has one, ``adapter.log_media`` (modality-specific media for the logger).
     """
 
     def __init__(
@@ -64,16 +63,9 @@ class SamplePreviews(L.Callback):
             self.schedule.sigmas(self.steps), guidance_scale=self.guidance_scale, device=pl_module.device,
         )
         raws = [self.adapter.decode(x).cpu() for x in x0]
-        grid = preview_grid([self.adapter.preview(r) for r in raws], nrow=self.num_per_prompt * 2)
-        out = self.run_dir / "samples" / f"step_{trainer.global_step:06d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        from torchvision.utils import save_image
-
-        save_image(grid, out)
+        stem = self.run_dir / "samples" / f"step_{trainer.global_step:06d}"
+        out, grid = self.adapter.write_previews(raws, stem, nrow=self.num_per_prompt * 2)
         for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):
-                experiment.add_image("samples", grid, trainer.global_step)
-            if hasattr(self.adapter, "log_media"):
-                self.adapter.log_media(logger, raws, flat, trainer.global_step, self.run_dir / "samples")
+            self.adapter.log_preview(logger, grid, trainer.global_step)
+            self.adapter.log_media(logger, raws, flat, trainer.global_step, self.run_dir / "samples")
         return out

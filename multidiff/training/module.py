@@ -9,9 +9,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from multidiff.conditioning.dropout import drop_condition
+from multidiff.core.cond import Cond
 from multidiff.core.denoiser import Denoiser
-from multidiff.core.noise import randn_like
 from multidiff.training.ema import ema_decay, ema_update
 
 
@@ -27,6 +26,12 @@ class DiffusionModule(L.LightningModule):
         cond_dropout: probability of training a sample with the null condition (for CFG).
         ema_decay: maximum EMA decay (with warm-up); the EMA copy is used for sampling and export.
         config: the run's resolved config, stored in every checkpoint for loading without Hydra.
+        seed: seeds the module's own generator for noise levels, noise and condition dropout. It is
+            re-seeded every batch from ``(seed, epoch, batch index)``, so a resumed run (on
+            every rank) draws exactly what the uninterrupted run would have drawn, with no RNG
+            state to carry in checkpoints.
+        nonfinite: ``"stop"`` raises on a NaN/inf loss, ``"skip"`` skips that step (counted).
+        inject_nan_at_step: fault injection for tests: make the loss NaN at this optimizer step.
     """
 
     def __init__(
@@ -40,6 +45,9 @@ class DiffusionModule(L.LightningModule):
         cond_dropout: float = 0.1,
         ema_decay: float = 0.999,
         config: DictConfig | dict | None = None,
+        seed: int = 0,
+        nonfinite: str = "stop",
+        inject_nan_at_step: int | None = None,
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
@@ -48,19 +56,55 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.cond_dropout, self.max_ema_decay = cond_dropout, ema_decay
         self.config = config
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"training.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        self.seed, self.nonfinite, self.inject_nan_at_step = seed, nonfinite, inject_nan_at_step
+        self.skipped_steps = 0
+        self._rng: torch.Generator | None = None
 
     def on_fit_start(self) -> None:
         self.conditioner.to(self.device)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def _batch_rng(self, batch_idx: int) -> torch.Generator:
+        if self._rng is None or self._rng.device != self.device:
+            self._rng = torch.Generator(device=self.device)
+        # not keyed by rank: every rank draws the global batch's values and keeps its own rows
+        key = hash((self.seed, self.current_epoch, batch_idx)) & 0x7FFF_FFFF_FFFF_FFFF
+        return self._rng.manual_seed(key)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         x0 = batch["x"]
+        rng = self._batch_rng(batch_idx)
+        # Draw noise levels, noise and dropout for the whole global batch and keep this rank's
+        # rows (the batch sampler gives rank r the rows r::world): R processes then compute
+        # exactly what one process computes on the global batch.
+        world, rank, b = self.trainer.world_size if self._trainer else 1, self.global_rank, x0.shape[0]
         with torch.no_grad():
             cond = self.conditioner.encode(batch["text"])
-            cond = drop_condition(cond, self.conditioner.null(), self.cond_dropout)
-        sigma = self.noise.sample(x0.shape[0], device=x0.device)  # float32, outside autocast's reach
-        loss = self.denoiser.loss(x0, sigma, randn_like(x0), cond).mean()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x0.shape[0], sync_dist=False)
+            keep = torch.rand(b * world, generator=rng, device=x0.device)[rank::world] >= self.cond_dropout
+            cond = Cond.where(keep, cond, self.conditioner.null()) if self.cond_dropout > 0 else cond
+        sigma = self.noise.sample(b * world, device=x0.device, generator=rng)[rank::world]  # float32
+        noise = torch.randn((b * world, *x0.shape[1:]), generator=rng, device=x0.device)[rank::world]
+        loss = self.denoiser.loss(x0, sigma, noise.to(x0.dtype), cond).mean()
+        if self.inject_nan_at_step is not None and self.global_step == self.inject_nan_at_step:
+            loss = loss * float("nan")
+        if not torch.isfinite(loss):
+            return self._nonfinite(loss)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=b, sync_dist=world > 1)
         return loss
+
+    def _nonfinite(self, loss: torch.Tensor):
+        from multidiff.training.faults import NonFiniteLossError
+
+        if self.nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {self.global_step}; stopped before updating the weights, "
+                "so the last periodic checkpoint is the last good one. Lower optimizer.lr, check the data, or set "
+                "training.nonfinite=skip to skip such steps"
+            )
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, batch_size=1)
+        return None  # Lightning skips backward and the optimizer step
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         ema_update(self.ema, self.denoiser, ema_decay(self.global_step, self.max_ema_decay))
@@ -72,6 +116,10 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["multidiff_skipped_steps"] = self.skipped_steps
         if self.config is not None:
             cfg = self.config if isinstance(self.config, DictConfig) else OmegaConf.create(self.config)
             checkpoint["multidiff_config"] = OmegaConf.to_container(cfg, resolve=True)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = int(checkpoint.get("multidiff_skipped_steps", 0))

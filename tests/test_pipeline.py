@@ -1,0 +1,94 @@
+"""The Python API: multidiff.load(...).generate/save, seeds, and safe loading."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+
+import multidiff
+from multidiff.configuration import UnsafeConfigError
+from multidiff.pipeline import GenerationError, ModelLoadError
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_run):
+    return multidiff.load(tiny_run / "model", device="cpu")
+
+
+def test_generate_returns_decoded_tensors(pipe):
+    out = pipe.generate(["a handwritten digit one", "the digit two"], num_samples=2, seed=0, steps=3, progress=False)
+    assert out.shape == (4, 1, 16, 16)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_seeds_are_independent_of_batch_size(pipe):
+    kw = dict(num_samples=4, seed=11, sampler="dpmpp_2m_sde", steps=3, progress=False)
+    a = pipe.generate("a handwritten digit three", batch_size=4, **kw)
+    b = pipe.generate("a handwritten digit three", batch_size=1, **kw)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    c = pipe.generate("a handwritten digit three", num_samples=1, seed=13, sampler="dpmpp_2m_sde", steps=3, progress=False)
+    torch.testing.assert_close(a[2:3], c, atol=1e-5, rtol=0)
+    assert not torch.allclose(a[0], a[1])
+
+
+def test_checkpoint_and_export_generate_the_same(tiny_run, pipe):
+    from_ckpt = multidiff.load(tiny_run / "checkpoints" / "last.ckpt", device="cpu")
+    a = pipe.generate("the digit four", num_samples=2, seed=3, steps=2, progress=False)
+    b = from_ckpt.generate("the digit four", num_samples=2, seed=3, steps=2, progress=False)
+    torch.testing.assert_close(a, b)
+
+
+def test_save_writes_files_and_metadata(pipe, tmp_path):
+    samples = pipe.generate("the digit five", num_samples=2, seed=7, steps=2, guidance_scale=2.0, progress=False)
+    paths = pipe.save(samples, tmp_path / "o")
+    rows = [json.loads(x) for x in (tmp_path / "o" / "metadata.jsonl").read_text().splitlines()]
+    assert [p.name for p in paths] == ["0000.png", "0001.png"]
+    assert [(r["seed"], r["prompt"], r["steps"], r["guidance_scale"]) for r in rows] == [
+        (7, "the digit five", 2, 2.0), (8, "the digit five", 2, 2.0)]
+    with pytest.raises(GenerationError, match="already holds results"):
+        pipe.save(samples, tmp_path / "o")
+
+
+def test_bad_generate_options(pipe):
+    for kw, msg in [({"steps": 0}, "steps must be"), ({"num_samples": 0}, "num_samples must be"),
+                    ({"guidance_scale": -1.0}, "guidance_scale must be"), ({"sampler": "nope"}, "unknown sampler")]:
+        with pytest.raises(GenerationError, match=msg):
+            pipe.generate("x", progress=False, **kw)
+
+
+def test_exported_config_with_foreign_target_is_refused(tiny_run, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_run / "model", model)
+    marker = tmp_path / "pwned"
+    text = (model / "config.yaml").read_text()
+    text = text.replace("_target_: multidiff.adapters.image.ImageAdapter",
+                        f"_target_: os.system\n  command: touch {marker}\n  _args_: []", 1)
+    (model / "config.yaml").write_text(text.replace("trusted_targets: []", "trusted_targets:\n- os."))
+    assert "- os." in (model / "config.yaml").read_text()  # the file tries to trust itself
+    with pytest.raises(UnsafeConfigError, match="os.system"):
+        multidiff.load(model)
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_payload_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad.ckpt"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict": _Payload(marker), "multidiff_config": {}}, f)
+    with pytest.raises(ModelLoadError, match="weights_only=True"):
+        multidiff.load(bad)
+    assert not marker.exists()

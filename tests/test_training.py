@@ -1,0 +1,195 @@
+"""Training under faults and at scale, through the real CLI: resume exactness, signals, NaNs,
+DDP (two processes, and torchrun with two "nodes" on loopback), bf16, atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, TINY, multidiff_cli
+
+FAST = [o for o in TINY if not o.startswith(("trainer.max_steps", "callbacks.checkpoint"))] + [
+    "callbacks.samples.every_n_steps=0", "callbacks.samples.at_end=false"]
+
+
+def train(run_dir, data_root, *extra, check=True, env=None):
+    return multidiff_cli("train", "recipe=image_digits", f"run_dir={run_dir}", f"data_root={data_root}",
+                         *FAST, *extra, check=check, env=env)
+
+
+def weights(run_dir, prefix="denoiser."):
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return state["global_step"], {k: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"max weight difference {worst}"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_root):
+    """8 uninterrupted steps with a periodic checkpoint every 4 (batch 8: an epoch is 224 steps,
+    so every interruption below is mid-epoch)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train(run, data_root, "trainer.max_steps=8", "callbacks.checkpoint.every_n_steps=4")
+    return run
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_signal_writes_checkpoint_and_resume_is_exact(straight, tmp_path, data_root, signal_name):
+    run = tmp_path / "run"
+    proc = train(run, data_root, "trainer.max_steps=8", "callbacks.checkpoint.every_n_steps=4",
+                 "training.inject_signal_at_step=5", f"training.inject_signal={signal_name}")
+    assert "stopped by signal at step 6" in proc.stdout and "resume=auto" in proc.stdout
+    step, _ = weights(run)
+    assert step == 6
+    assert not (run / "model").exists()  # not a finished run: no export yet
+    train(run, data_root, "trainer.max_steps=8", "callbacks.checkpoint.every_n_steps=4", "resume=auto")
+    step, resumed = weights(run)
+    _, reference = weights(straight)
+    assert step == 8
+    assert_same_weights(resumed, reference)
+    assert_same_weights(weights(run, "ema.")[1], weights(straight, "ema.")[1])
+
+
+def test_sigkill_after_periodic_checkpoint_then_resume_is_exact(straight, tmp_path, data_root):
+    run = tmp_path / "run"
+    proc = train(run, data_root, "trainer.max_steps=8", "callbacks.checkpoint.every_n_steps=4",
+                 "training.inject_signal_at_step=5", "training.inject_signal=SIGKILL", check=False)
+    assert proc.returncode == -9
+    assert not list((run / "checkpoints").glob(".*tmp*"))  # no torn temp files left behind
+    train(run, data_root, "trainer.max_steps=8", "callbacks.checkpoint.every_n_steps=4", "resume=auto")
+    step, resumed = weights(run)
+    assert step == 8
+    assert_same_weights(resumed, weights(straight)[1])
+
+
+def test_resume_from_explicit_path(straight, tmp_path, data_root):
+    run = tmp_path / "run"
+    shutil.copytree(straight / "checkpoints", tmp_path / "given")
+    ckpt = tmp_path / "given" / "step_0000004.ckpt"
+    assert ckpt.is_file()
+    train(run, data_root, "trainer.max_steps=8", f"resume={ckpt}")
+    assert_same_weights(weights(run)[1], weights(straight)[1])
+    proc = train(run, data_root, "resume=/no/such.ckpt", check=False)
+    assert proc.returncode != 0 and "no such checkpoint file" in proc.stderr
+
+
+def test_periodic_checkpoints_keep_last_k(tmp_path, data_root):
+    run = tmp_path / "run"
+    train(run, data_root, "trainer.max_steps=6", "callbacks.checkpoint.every_n_steps=2",
+          "callbacks.checkpoint.keep_last=2")
+    names = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step_0000004.ckpt", "step_0000006.ckpt"]
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_planted_nan(tmp_path, data_root, policy):
+    run = tmp_path / "run"
+    proc = train(run, data_root, "trainer.max_steps=5", "callbacks.checkpoint.every_n_steps=2",
+                 "training.inject_nan_at_step=3", f"training.nonfinite={policy}", check=False)
+    if policy == "stop":
+        assert proc.returncode != 0
+        assert "non-finite loss" in proc.stderr and "training.nonfinite=skip" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        step, w = weights(run)
+        assert step == 2 and all(torch.isfinite(v).all() for v in w.values())  # last good checkpoint
+    else:
+        assert proc.returncode == 0, proc.stderr
+        state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        assert state["multidiff_skipped_steps"] == 1
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+        assert "skipped_steps" in (run / "logs" / "metrics.csv").read_text()
+
+
+def test_bf16_mixed_trains_with_finite_loss(tmp_path, data_root):
+    run = tmp_path / "run"
+    train(run, data_root, "trainer.max_steps=3", "trainer.precision=bf16-mixed")
+    losses = [float(line.split(",")[-1]) for line in (run / "logs" / "metrics.csv").read_text().splitlines()[1:]
+              if line.split(",")[-1]]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def _losses(run):
+    rows = (run / "logs" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    col, step_col = header.index("train/loss"), header.index("step")
+    return {int(r.split(",")[step_col]): float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]}
+
+
+def test_ddp_two_processes_matches_single_process(tmp_path, data_root):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    train(single, data_root, "trainer.max_steps=4", "data.batch_size=8")
+    proc = train(ddp, data_root, "trainer.max_steps=4", "trainer=ddp", "trainer.devices=2",
+                 "trainer.accelerator=cpu", "data.batch_size=4")
+    assert proc.stdout.count("run directory:") == 1  # one process reports, one run directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
+    assert (ddp / "model" / "multidiff.json").is_file()
+    a, b = _losses(single), _losses(ddp)
+    assert a.keys() == b.keys() and len(a) >= 3
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-4 * max(1.0, abs(a[step])), (step, a[step], b[step])
+    assert_same_weights(weights(single)[1], weights(ddp)[1], atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_nodes_on_loopback(tmp_path, data_root):
+    run = tmp_path / "run"
+    port = _free_port()
+    args = ["-m", "multidiff.cli.main", "train", "recipe=image_digits", f"run_dir={run}", f"data_root={data_root}",
+            *FAST, "trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2", "trainer.accelerator=cpu",
+            "trainer.max_steps=3", "data.batch_size=4"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MULTIDIFF_RUN_DIR", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+             f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}", *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out + err
+    assert sum(out.count("run directory:") for out, _ in outs) == 1
+    assert weights(run)[0] == 3 and (run / "model" / "multidiff.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_global_batch_and_lr_scaling_are_explicit():
+    from multidiff.cli.compose import compose
+    from multidiff.cli.train import batch_plan
+
+    cfg = compose("train", ["trainer=ddp", "trainer.devices=2", "trainer.num_nodes=2", "data.batch_size=16",
+                            "trainer.accumulate_grad_batches=2", "training.lr_scaling=linear",
+                            "training.base_batch_size=64", "optimizer.lr=1e-4"])
+    plan = batch_plan(cfg, dict(cfg.trainer))
+    assert plan == {"world_size": 4, "global_batch": 128, "lr": pytest.approx(2e-4)}
+
+
+def test_atomic_checkpoint_io_never_leaves_a_torn_file(tmp_path):
+    from multidiff.training.faults import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "c.ckpt"
+    io.save_checkpoint({"a": torch.ones(3)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"a": torch.zeros(3), "b": Boom()}, path)
+    assert torch.equal(io.load_checkpoint(path)["a"], torch.ones(3))
