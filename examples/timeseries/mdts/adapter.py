@@ -1,0 +1,125 @@
+"""The time-series adapter: ``.npy`` / ``.csv`` files <-> ``(channels, length)`` tensors.
+
+This is the whole modality as multidiff sees it. It implements the five required members of
+:class:`multidiff.adapters.base.Adapter` (``shape``, ``load``, ``encode``, ``decode``, ``save``)
+and overrides three optional ones: ``preview`` (a line plot, so training previews are readable),
+``sample_shape`` / ``metadata`` (``duration=`` at generation time gives longer or shorter series).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mdts.plot import image_to_tensor, plot_series
+from multidiff.adapters.base import Adapter
+
+
+class TimeSeriesReadError(ValueError):
+    """A file is not a ``(channels, length)`` series this adapter can read."""
+
+
+class TimeSeriesAdapter(Adapter):
+    """Multichannel series sampled at ``sample_rate`` Hz.
+
+    Raw tensors are ``(channels, length)`` float32 in signal units; model tensors are the same
+    divided by ``scale`` (pick it so typical values are about unit size). ``save`` writes the
+    series (``.npy`` or ``.csv`` by the path's suffix) and a plot ``.png`` beside it.
+
+    Args:
+        channels: number of channels ``C``.
+        length: samples per training series ``L`` (longer files are cropped, shorter ones padded
+            with zeros at the end).
+        sample_rate: samples per second; with ``length`` it fixes the duration.
+        scale: divisor from signal units to model units.
+    """
+
+    extensions = (".npy", ".csv")
+    suffix = ".npy"
+
+    def __init__(self, *, channels: int = 2, length: int = 128, sample_rate: float = 64.0, scale: float = 1.0) -> None:
+        if channels < 1 or length < 1 or sample_rate <= 0 or scale <= 0:
+            raise ValueError(
+                f"TimeSeriesAdapter needs channels >= 1, length >= 1, sample_rate > 0 and scale > 0; got "
+                f"channels={channels}, length={length}, sample_rate={sample_rate}, scale={scale}"
+            )
+        self.channels, self.length, self.sample_rate, self.scale = channels, length, float(sample_rate), float(scale)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.channels, self.length)
+
+    # --- files ------------------------------------------------------------------------------------
+
+    def load(self, path: str | Path) -> Tensor:
+        """``.npy`` holding a ``(C, L)`` array, or ``.csv`` with a header and one row per time step
+        (an optional first ``time`` column is ignored) -> ``(C, L)`` float32."""
+        path = Path(path)
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, allow_pickle=False)  # never unpickle data files
+        elif path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))
+            header, body = rows[0], rows[1:]
+            skip = 1 if header and header[0].strip().lower() in ("t", "time", "seconds") else 0
+            array = np.asarray([[float(v) for v in row[skip:]] for row in body], dtype=np.float32).T
+        else:
+            raise TimeSeriesReadError(f"{path}: unsupported suffix {path.suffix!r}; use .npy or .csv")
+        if array.ndim == 1:
+            array = array[None]
+        if array.ndim != 2:
+            raise TimeSeriesReadError(f"{path}: expected a (channels, length) array, got shape {array.shape}")
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+    def save(self, raw: Tensor, path: str | Path) -> None:
+        """Write ``raw`` ``(C, L)`` to ``path`` (``.npy`` or ``.csv``) and its plot to ``path`` + ``.png``."""
+        path = Path(path)
+        array = raw.detach().float().cpu().numpy()
+        if path.suffix.lower() == ".npy":
+            np.save(path, array)
+        elif path.suffix.lower() == ".csv":
+            with open(path, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["time"] + [f"channel_{c + 1}" for c in range(array.shape[0])])
+                for i, column in enumerate(array.T):
+                    writer.writerow([f"{i / self.sample_rate:.6g}"] + [f"{v:.6g}" for v in column])
+        else:
+            raise TimeSeriesReadError(f"{path}: cannot write suffix {path.suffix!r}; use .npy or .csv (format=npy|csv)")
+        plot_series(raw, sample_rate=self.sample_rate, y_range=1.2 * self.scale).save(path.with_suffix(".png"))
+
+    # --- tensors ----------------------------------------------------------------------------------
+
+    def encode(self, raw: Tensor) -> Tensor:
+        """``(C, n)`` signal -> ``(C, length)`` model tensor: crop or zero-pad in time, divide by ``scale``."""
+        if raw.ndim != 2 or raw.shape[0] != self.channels:
+            raise TimeSeriesReadError(f"expected a ({self.channels}, length) series, got shape {tuple(raw.shape)}")
+        x = raw.float()[:, : self.length]
+        return F.pad(x, (0, self.length - x.shape[1])) / self.scale
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """``(C, n)`` model tensor -> signal units (any ``n``: generation may use another duration)."""
+        return x0.float() * self.scale
+
+    def preview(self, raw: Tensor) -> Tensor:
+        """The plot as ``(3, H, W)`` in ``[0, 1]``: the training callback tiles these into a grid."""
+        return image_to_tensor(plot_series(raw, sample_rate=self.sample_rate, y_range=1.2 * self.scale))
+
+    # --- generation options -----------------------------------------------------------------------
+
+    def sample_shape(self, *, duration: float | None = None, **options) -> tuple[int, ...]:
+        """``(C, L)``, with ``L = duration * sample_rate`` when ``duration`` (seconds) is given."""
+        if duration is None:
+            return self.shape
+        length = round(float(duration) * self.sample_rate)
+        if length < 1:
+            raise ValueError(f"duration={duration} s gives no samples at {self.sample_rate} Hz")
+        return (self.channels, length)
+
+    def metadata(self, *, duration: float | None = None, **options) -> dict:
+        """Per-sample fields for ``metadata.jsonl``: the sample rate and channel count."""
+        return {"sample_rate": self.sample_rate, "channels": self.channels}
