@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -15,7 +16,14 @@ class UNet2DCond(Backbone):
     """diffusers ``UNet2DConditionModel`` with text cross-attention (and optional class labels).
 
     ``cond.tokens`` ``(B, L, cross_attention_dim)`` feed cross-attention, ``cond.mask`` masks the
-    padding, ``cond.labels`` (with ``num_class_embeds``) add a class embedding. Keep attention
+    padding, ``cond.labels`` (with ``num_class_embeds``) add a class embedding, and with
+    ``pooled_cond=True`` ``cond.pooled`` ``(B, cross_attention_dim)`` joins the timestep embedding
+    (diffusers' ``time_cond_proj_dim``): a global path that reaches every resnet block, beside the
+    cross-attention that only the ``CrossAttn*`` resolutions see. ``coord_axes`` appends a fixed
+    coordinate channel (``linspace(-1, 1)``) along the listed spatial axes (0: height, 1: width)
+    to the input: convolutions and attention are blind to absolute position (they only sense it
+    through boundary effects), and on a spectrogram the row *is* the pitch. Use it only on axes
+    whose size is fixed (the mel axis, not time: a coordinate would tie content to the length). Keep attention
     blocks (``CrossAttn*``) at the low resolutions: at full resolution a CPU step is ~8x slower.
     All other keyword arguments go to ``UNet2DConditionModel``.
     """
@@ -25,7 +33,7 @@ class UNet2DCond(Backbone):
     def __init__(
         self,
         *,
-        sample_size: int = 16,
+        sample_size: int | tuple[int, int] = 16,
         in_channels: int = 1,
         out_channels: int | None = None,
         block_out_channels: tuple[int, ...] = (64, 128, 128),
@@ -36,14 +44,17 @@ class UNet2DCond(Backbone):
         attention_head_dim: int = 8,
         norm_num_groups: int = 32,
         num_class_embeds: int | None = None,
+        pooled_cond: bool = False,
+        coord_axes: tuple[int, ...] = (),
         **kwargs,
     ) -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
 
         self.unet = UNet2DConditionModel(
-            sample_size=sample_size,
-            in_channels=in_channels,
+            # plain ints: the config is saved as JSON (a spectrogram's [n_mels, frames] arrives as a ListConfig)
+            sample_size=sample_size if isinstance(sample_size, int) else tuple(int(s) for s in sample_size),
+            in_channels=in_channels + len(coord_axes),
             out_channels=out_channels or in_channels,
             block_out_channels=tuple(block_out_channels),
             down_block_types=tuple(down_block_types),
@@ -53,9 +64,14 @@ class UNet2DCond(Backbone):
             attention_head_dim=attention_head_dim,
             norm_num_groups=norm_num_groups,
             num_class_embeds=None if num_class_embeds is None else num_class_embeds + 1,  # + null label
+            time_cond_proj_dim=cross_attention_dim if pooled_cond else None,
             **kwargs,
         )
-        self.cross_attention_dim = cross_attention_dim
+        self.cross_attention_dim, self.pooled_cond = cross_attention_dim, pooled_cond
+        self.coord_axes = tuple(int(a) for a in coord_axes)
+        if any(a not in (0, 1) for a in self.coord_axes) or len(set(self.coord_axes)) != len(self.coord_axes):
+            raise ValueError(f"backbone.coord_axes={list(coord_axes)} is invalid: list distinct spatial axes, "
+                             "0 (height, e.g. the mel axis) and/or 1 (width)")
 
     @property
     def size_multiple(self) -> int:
@@ -67,6 +83,8 @@ class UNet2DCond(Backbone):
         :attr:`size_multiple` (e.g. spectrograms of an arbitrary duration) are padded at the end
         and the output cropped back, so every size gets the same aligned grid as training."""
         h, w = x.shape[-2:]
+        if self.coord_axes:
+            x = torch.cat([x, *self._coordinates(x)], 1)
         m = self.size_multiple
         pad_h, pad_w = -h % m, -w % m
         if pad_h or pad_w:
@@ -77,9 +95,9 @@ class UNet2DCond(Backbone):
         return self._forward(x, c_noise, cond)
 
     def _forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
-        tokens = mask = labels = None
+        tokens = mask = labels = pooled = None
         if cond is not None:
-            tokens, mask, labels = cond.tokens, cond.mask, cond.labels
+            tokens, mask, labels, pooled = cond.tokens, cond.mask, cond.labels, cond.pooled
         if tokens is None:  # label-only or unconditional: one zero token to attend to
             tokens = x.new_zeros(x.shape[0], 1, self.cross_attention_dim)
             mask = None
@@ -89,9 +107,27 @@ class UNet2DCond(Backbone):
             encoder_hidden_states=tokens.to(x.dtype),
             encoder_attention_mask=None if mask is None else mask.to(x.dtype),
             class_labels=labels,
+            timestep_cond=self._pooled(x, pooled),
             return_dict=False,
         )[0]
         return out
+
+    def _coordinates(self, x: Tensor) -> list[Tensor]:
+        """One ``(B, 1, H, W)`` channel per ``coord_axes`` entry, ``-1 .. 1`` along that axis."""
+        b, _, h, w = x.shape
+        out = []
+        for axis in self.coord_axes:
+            n = (h, w)[axis]
+            ramp = torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) if n > 1 else x.new_zeros(1)
+            out.append((ramp.view(1, 1, n, 1) if axis == 0 else ramp.view(1, 1, 1, n)).expand(b, 1, h, w))
+        return out
+
+    def _pooled(self, x: Tensor, pooled: Tensor | None) -> Tensor | None:
+        if not self.pooled_cond:
+            return None
+        if pooled is None:  # label-only or unconditional: the null vector
+            return x.new_zeros(x.shape[0], self.cross_attention_dim)
+        return pooled.to(x.dtype)
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.unet.save_pretrained(str(directory), safe_serialization=True)
