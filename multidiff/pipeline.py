@@ -30,6 +30,7 @@ from multidiff.core.denoiser import Denoiser
 from multidiff.core.guidance import CFGDenoiser
 from multidiff.core.noise import PerSampleGenerator
 from multidiff.core.samplers import SAMPLERS
+from multidiff.performance import apply_performance_options
 
 FORMAT = "multidiff-model"
 FORMAT_VERSION = 1
@@ -128,19 +129,24 @@ def _read_model(path: Path) -> tuple[DictConfig, callable]:
 class Pipeline:
     """Prompts -> decoded samples for any modality. Build with :func:`multidiff.load`."""
 
-    def __init__(self, parts: ModelParts, *, config: DictConfig, source: str = "", device: str | None = None) -> None:
+    def __init__(self, parts: ModelParts, *, config: DictConfig, source: str = "", device: str | None = None,
+                 channels_last: bool = False, compile: bool = False, compile_options: dict | None = None) -> None:
         self.adapter, self.denoiser = parts.adapter, parts.denoiser.eval()
         self.schedule, self.conditioner = parts.schedule, parts.conditioner
         self.config, self.source = config, source
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.denoiser.to(self.device)
+        apply_performance_options(self.denoiser.backbone, channels_last=channels_last, compile=compile,
+                                  compile_options=compile_options)
         self.conditioner.to(self.device)
         self._last: dict | None = None
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | None = None, trusted_targets=()) -> Pipeline:
+    def load(cls, path: str | Path, *, device: str | None = None, trusted_targets=(), **performance) -> Pipeline:
         """Load an export or checkpoint. Only ``multidiff.`` targets (and the caller's explicit
-        ``trusted_targets`` prefixes, never a list written inside the file) are instantiated."""
+        ``trusted_targets`` prefixes, never a list written inside the file) are instantiated.
+        ``performance``: ``channels_last``, ``compile``, ``compile_options`` (see
+        :func:`multidiff.performance.apply_performance_options`)."""
         path = Path(path)
         cfg, load_weights = _read_model(path)
         if OmegaConf.select(cfg, "backbone.init_from", default=None) is not None:
@@ -149,7 +155,7 @@ class Pipeline:
             cfg.backbone.init_from = None
         parts = build_parts(cfg, source=str(path), trusted=trusted_targets)
         load_weights(parts)
-        return cls(parts, config=cfg, source=str(path), device=device)
+        return cls(parts, config=cfg, source=str(path), device=device, **performance)
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         return self.conditioner.encode(prompts)
@@ -305,10 +311,14 @@ def _progress(enabled: bool, total: int):
     return tqdm(total=total, desc="sampling", unit="step", dynamic_ncols=True)
 
 
-def load(path: str | Path, *, device: str | None = None, trusted_targets=()) -> Pipeline:
+def load(path: str | Path, *, device: str | None = None, trusted_targets=(), channels_last: bool = False,
+         compile: bool = False, compile_options: dict | None = None) -> Pipeline:
     """Load an exported model directory or a ``.ckpt`` as a :class:`Pipeline`.
 
     ``trusted_targets``: module prefixes (e.g. ``["my_package."]``) whose ``_target_``s the model's
     config may instantiate besides ``multidiff.``; for models of modalities from your own package.
+    ``channels_last`` / ``compile`` (+ ``compile_options`` for ``torch.compile``): speed options for
+    the backbone, off by default (:mod:`multidiff.performance`).
     """
-    return Pipeline.load(path, device=device, trusted_targets=trusted_targets)
+    return Pipeline.load(path, device=device, trusted_targets=trusted_targets, channels_last=channels_last,
+                         compile=compile, compile_options=compile_options)

@@ -3,6 +3,7 @@ DDP (two processes, and torchrun with two "nodes" on loopback), bf16, atomic che
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import socket
@@ -25,6 +26,12 @@ def train(run_dir, data_root, *extra, check=True, env=None):
 def weights(run_dir, prefix="denoiser."):
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     return state["global_step"], {k: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+
+
+def logged_steps(run_dir):
+    """The ``step`` column of RUN/logs/metrics.csv, in file order."""
+    with open(run_dir / "logs" / "metrics.csv", newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
 
 
 def assert_same_weights(a, b, atol=1e-6):
@@ -57,6 +64,8 @@ def test_signal_writes_checkpoint_and_resume_is_exact(straight, tmp_path, data_r
     assert step == 8
     assert_same_weights(resumed, reference)
     assert_same_weights(weights(run, "ema.")[1], weights(straight, "ema.")[1])
+    # the resumed run continues the metrics of the first part instead of deleting them
+    assert logged_steps(run) == logged_steps(straight) and len(set(logged_steps(run))) == 8
 
 
 def test_sigkill_after_periodic_checkpoint_then_resume_is_exact(straight, tmp_path, data_root):
@@ -69,6 +78,8 @@ def test_sigkill_after_periodic_checkpoint_then_resume_is_exact(straight, tmp_pa
     step, resumed = weights(run)
     assert step == 8
     assert_same_weights(resumed, weights(straight)[1])
+    # rows up to the checkpoint (step 4) survived the kill; those after it are logged once, by the resumed run
+    assert logged_steps(run) == logged_steps(straight)
 
 
 def test_resume_from_explicit_path(straight, tmp_path, data_root):

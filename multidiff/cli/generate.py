@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from multidiff.cli.compose import ConfigError, require
 from multidiff.configuration import safe_instantiate
@@ -54,7 +54,12 @@ def run(cfg: DictConfig) -> list[Path]:
         raise ConfigError(f"out={out} already holds results (metadata.jsonl); choose a new out= or add overwrite=true")
     sampler = safe_instantiate(cfg.sampler.fn, source="sampler config")
     trusted = [str(t) for t in cfg.get("trusted_targets") or []]
-    pipe = Pipeline.load(str(model), device=cfg.get("device"), trusted_targets=trusted)
+    compile_options = cfg.get("compile_options")
+    pipe = Pipeline.load(
+        str(model), device=cfg.get("device"), trusted_targets=trusted, channels_last=bool(cfg.get("channels_last", False)),
+        compile=bool(cfg.get("compile", False)),
+        compile_options=OmegaConf.to_container(compile_options, resolve=True) if compile_options else None,
+    )
     options = {k: cfg[k] for k in SHAPE_OPTIONS if cfg.get(k) is not None}
     try:
         samples = pipe.generate(

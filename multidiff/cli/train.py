@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -61,6 +62,14 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is invalid: it must be {what}")
 
 
+# Lightning warnings that do not apply to multidiff runs and would only alarm users:
+# - the batch sampler *is* resumable (ResumableBatchSampler restarts mid-epoch from the loop's
+#   own counters), Lightning just cannot tell;
+# - the frozen text encoder is in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
 def build(cfg: DictConfig, run_dir: Path):
     """Everything ``trainer.fit`` needs, built from the config."""
     import lightning as L
@@ -92,6 +101,10 @@ def build(cfg: DictConfig, run_dir: Path):
         seed=cfg.seed,
         nonfinite=cfg.training.get("nonfinite", "stop"),
         inject_nan_at_step=cfg.training.get("inject_nan_at_step"),
+        channels_last=bool(cfg.training.get("channels_last", False)),
+        compile=bool(cfg.training.get("compile", False)),
+        compile_options=OmegaConf.to_container(cfg.training.compile_options, resolve=True)
+        if cfg.training.get("compile_options") else None,
     )
     callbacks = [GracefulStop(run_dir / "checkpoints" / "last.ckpt"), NonFiniteGuard(cfg.training.get("nonfinite", "stop"))]
     if cfg.training.get("inject_signal_at_step") is not None:

@@ -150,7 +150,7 @@ class Denoiser(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
         """x: ``(B, C, *dims)``; sigma: ``(B,)``. Returns x0_hat, float32, same shape as ``x``."""
         out, c_skip, c_out = self._network(x, sigma, cond)
-        return c_skip * x.float() + c_out * out
+        return torch.addcmul(c_skip * x.float(), c_out, out)  # c_skip x + c_out F
 
     def loss(self, x0: Tensor, sigma: Tensor, noise: Tensor, cond: Cond | None = None) -> Tensor:
         """Per-sample training loss, shape ``(B,)``, float32 (reduced in float32 under autocast)."""

@@ -41,15 +41,25 @@ class CFGDenoiser:
             raise ValueError(f"guidance_scale must be >= 0, got {scale}")
         self.denoiser, self.uncond, self.scale = denoiser, uncond, float(scale)
         self.interval, self.rescale = interval, rescale
+        self._paired: tuple[Cond | None, int, Cond] | None = None
+
+    def _pair(self, cond: Cond | None, b: int) -> Cond:
+        """``cat([cond, uncond])`` of batch ``2b``, built once per ``cond`` (a sampler passes the
+        same one every step), so the loop copies no conditioning tensors per step."""
+        if self._paired is not None and self._paired[0] is cond and self._paired[1] == b:
+            return self._paired[2]
+        uncond = self.uncond if len(self.uncond) == b else self.uncond.map(lambda t: t.expand(b, *t.shape[1:]))
+        paired = Cond.cat([cond, uncond])
+        self._paired = (cond, b, paired)
+        return paired
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
         if self.scale == 1.0:
             return self.denoiser(x, sigma, cond)
         b = x.shape[0]
-        uncond = self.uncond if len(self.uncond) == b else self.uncond.map(lambda t: t.expand(b, *t.shape[1:]))
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Cond.cat([cond, uncond]))
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), self._pair(cond, b))
         d_cond, d_uncond = both.chunk(2)
-        guided = d_uncond + self.scale * (d_cond - d_uncond)
+        guided = torch.lerp(d_uncond, d_cond, self.scale)  # d_uncond + scale (d_cond - d_uncond), one kernel
         if self.rescale > 0:
             dims = tuple(range(1, x.ndim))
             ratio = d_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)

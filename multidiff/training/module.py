@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from multidiff.core.cond import Cond
 from multidiff.core.denoiser import Denoiser
+from multidiff.performance import apply_performance_options
 from multidiff.training.ema import ema_decay, ema_update
 
 
@@ -32,6 +33,9 @@ class DiffusionModule(L.LightningModule):
             state to carry in checkpoints.
         nonfinite: ``"stop"`` raises on a NaN/inf loss, ``"skip"`` skips that step (counted).
         inject_nan_at_step: fault injection for tests: make the loss NaN at this optimizer step.
+        channels_last, compile, compile_options: speed options for the trained backbone
+            (:func:`multidiff.performance.apply_performance_options`); the EMA copy, used for
+            previews and the export, keeps the default layout and is not compiled.
     """
 
     def __init__(
@@ -48,10 +52,15 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,
         nonfinite: str = "stop",
         inject_nan_at_step: int | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
+        apply_performance_options(self.denoiser.backbone, channels_last=channels_last, compile=compile,
+                                  compile_options=compile_options)
         self.noise, self.conditioner = noise, conditioner
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.cond_dropout, self.max_ema_decay = cond_dropout, ema_decay
@@ -64,6 +73,12 @@ class DiffusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.conditioner.to(self.device)
+
+    def on_train_start(self) -> None:
+        if self.global_step > 0:  # resumed: loggers that keep history drop what the checkpoint does not cover
+            for logger in self.loggers:
+                if hasattr(logger, "resume_at"):
+                    logger.resume_at(self.global_step)
 
     def _batch_rng(self, batch_idx: int) -> torch.Generator:
         if self._rng is None or self._rng.device != self.device:
