@@ -19,7 +19,8 @@ ALLOWED = {
     "backbones": ({"core", "backbones"}, None),
     "adapters": ({"core", "adapters"}, None),
     "datasets": ({"core", "adapters", "datasets"}, None),
-    "training": ({"core", "conditioning", "backbones", "adapters", "datasets", "pipeline", "configuration", "training"}, None),
+    "training": ({"core", "conditioning", "backbones", "adapters", "datasets", "pipeline", "configuration", "performance",
+                  "training"}, None),
 }
 MODALITY_WORDS = re.compile(r"image|audio|video|spectrogram|waveform|pixel|\bmel\b|frames?\b|png|wav|mp4|gif", re.I)
 
