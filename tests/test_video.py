@@ -320,7 +320,7 @@ def test_temporal_layers_start_as_identity_only_when_inflating():
         convs = [m.conv4[-1].weight for m in mods if isinstance(m, TemporalConvLayer)]
         attns = [m.proj_out.weight for m in mods if isinstance(m, TransformerTemporalModel)]
         assert convs and attns
-        return [float(w.abs().max()) for w in convs + attns]
+        return [float(w.detach().abs().max()) for w in convs + attns]
 
     assert min(temporal_outputs(UNet3DCond(**TINY3D))) > 0
     assert max(temporal_outputs(UNet3DCond(**TINY3D, zero_init_temporal=True))) == 0
