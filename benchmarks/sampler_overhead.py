@@ -1,26 +1,31 @@
 """Sampler overhead: time per sampling step of ``Pipeline.generate`` (CFG on) over the bare backbone forward.
 
-    python benchmarks/sampler_overhead.py                       # runs/digits/model, 8 prompts, 20 steps
-    python benchmarks/sampler_overhead.py --options             # also channels_last (and --compile)
-    python benchmarks/sampler_overhead.py --batch 32 --steps 50 --repeats 9
+    python benchmarks/sampler_overhead.py                           # image, audio, video default backbones
+    python benchmarks/sampler_overhead.py --recipes image_digits    # one modality
+    python benchmarks/sampler_overhead.py --model runs/digits/model # a trained export instead of a recipe
+    python benchmarks/sampler_overhead.py --options                 # also channels_last (and --compile)
 
-With guidance on, every step of ``generate`` calls the backbone once on the doubled batch
-(conditional + unconditional). The physical limit of a step is therefore one forward of the bare
-diffusers ``UNet2DConditionModel`` on ``2 x batch`` samples with the same inputs (same dtype, same
-memory format, ``torch.inference_mode``). Reported, as medians over ``--repeats`` interleaved
-repeats after ``--warmup`` untimed ones:
+Each modality's default backbone (its recipe's, random weights: cost does not depend on them) at
+``generate``'s default batch size (16 prompts; ``--batch``). With guidance on, every step of
+``generate`` calls the backbone once on the doubled batch (conditional + unconditional). The
+physical limit of a step is therefore one forward of the bare diffusers model (``UNet2DConditionModel``,
+``UNet3DConditionModel``) on ``2 x batch`` samples with exactly the inputs multidiff's backbone
+wrapper hands it (recorded from one wrapper call: same tensors, dtype, memory format), under
+``torch.inference_mode``. Reported, as medians over ``--repeats`` interleaved repeats after
+``--warmup`` untimed ones:
 
 - ``bare_ms``: one bare forward on the doubled batch;
-- ``step_ms``: the wall time of a whole ``generate`` call (noise, prompt lookup, sampling, decoding)
-  divided by its number of steps, and ``ratio = step_ms / bare_ms`` (the target, <= 1.05);
+- ``step_ms``: the wall time of a whole ``generate`` call (noise, prompt lookup, sampling) less its
+  decoding (``decode_ms``, e.g. Griffin-Lim for audio: not a sampling step), divided by its number
+  of steps, and ``ratio = step_ms / bare_ms`` (the target, <= 1.05);
 - ``marginal_ms``: the extra time of ``2 x steps`` over ``steps`` per extra step (fixed costs
   cancel), and its ratio;
 - ``paired_ratio``: the median of the per-repeat ratios, ``min_ratio``: fastest over fastest
   (both more robust than the ratio of medians where other work shares the machine);
 - ``overhead_ms``: multidiff's own work per step (wrapper, denoiser scalings, guidance, solver
-  update, and the per-call noise, prompt lookup and decoding spread over the steps), measured with
-  the UNet replaced by an identity; ``overhead_share`` is that over ``bare_ms``: the part of the
-  ratio that is not noise. ``bare_spread``: (slowest - fastest) / median of the bare forwards.
+  update, and the per-call noise and prompt lookup spread over the steps), measured with the
+  diffusers model replaced by an identity; ``overhead_share`` is that over ``bare_ms``: the part of
+  the ratio that is not noise. ``bare_spread``: (slowest - fastest) / median of the bare forwards.
 
 Prints a table and writes benchmarks/results/sampler_overhead.{json,md}.
 """
@@ -39,15 +44,26 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
-DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PROMPTS = {  # per recipe; any other model cycles its config's preview prompts
+    "image": ["a handwritten digit zero", "a handwritten digit three", "the number 8, written by hand"],
+    "audio": ["a plucked string playing A4", "a flute-like tone playing C5", "a brassy horn playing G4"],
+    "video": ["the digit 3 moving to the left", "the digit 7 moving to the right", "the digit 0 moving up"],
+}
 
 
-def prompts_for(batch: int) -> list[str]:
-    return [f"a handwritten digit {DIGITS[k % 10]}" for k in range(batch)]
+def prompts_for(pipe, batch: int) -> list[str]:
+    from omegaconf import OmegaConf
+
+    base = list(OmegaConf.select(pipe.config, "preview_prompts", default=None) or [])
+    if not base:
+        target = str(OmegaConf.select(pipe.config, "modality._target_", default=""))
+        kind = next((k for k in PROMPTS if k in target), "image")
+        base = PROMPTS[kind]
+    return [base[k % len(base)] for k in range(batch)]
 
 
 class Identity(nn.Module):
-    """Stands in for the UNet: returns its input, so only multidiff's own per-step work is timed."""
+    """Stands in for the diffusers model: returns its input, so only multidiff's own per-step work is timed."""
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -63,66 +79,120 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def record_inputs(backbone, x, c_noise, cond):
+    """The positional and keyword arguments the wrapper passes to its diffusers model for one call."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+
+    handle = backbone.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            backbone(x, c_noise, cond)
+    finally:
+        handle.remove()
+    return seen["args"], seen["kwargs"]
+
+
 def measure(pipe, *, batch: int, steps: int, sampler: str, guidance: float, repeats: int, warmup: int) -> dict:
-    prompts = prompts_for(batch)
+    from multidiff.core.cond import Cond
+
+    prompts = prompts_for(pipe, batch)
     backbone = pipe.denoiser.backbone
     unet = backbone.unet
-    cond = pipe.conditioner.encode(prompts)
-    null = pipe.conditioner.null(batch)
-    tokens = torch.cat([cond.tokens, null.tokens])
-    mask = torch.cat([cond.mask, null.mask]).float()
+    cond = Cond.cat([pipe.conditioner.encode(prompts), pipe.conditioner.null(batch)])
     shape = (2 * batch, *pipe.adapter.sample_shape())
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     if getattr(backbone, "_multidiff_channels_last", False):
         x = x.contiguous(memory_format=torch.channels_last)
     sigmas = pipe.schedule.sigmas(steps)
-    ts = [pipe.denoiser.parameterization.c_noise(sigmas[i].repeat(2 * batch)) for i in range(steps)]
+    c_noise = [pipe.denoiser.parameterization.c_noise(sigmas[i].repeat(2 * batch)) for i in range(steps)]
+    args, kwargs = record_inputs(backbone, x, c_noise[0], cond)
+    sample, rest = args[0], args[2:]
 
     def bare():
         with torch.inference_mode():
-            for t in ts:
-                unet(x, t, encoder_hidden_states=tokens, encoder_attention_mask=mask, return_dict=False)
+            for t in c_noise:
+                unet(sample, t, *rest, **kwargs)
+
+    decode = pipe._decode
+    decode_s = []
+
+    def timed_decode(*a, **k):
+        t0 = time.perf_counter()
+        out = decode(*a, **k)
+        decode_s.append(time.perf_counter() - t0)
+        return out
+
+    pipe._decode = timed_decode
 
     def gen(n):
-        return lambda: pipe.generate(prompts, steps=n, sampler=sampler, guidance_scale=guidance, seed=0,
-                                     batch_size=batch, progress=False)
+        def call():
+            decode_s.clear()
+            t0 = time.perf_counter()
+            pipe.generate(prompts, steps=n, sampler=sampler, guidance_scale=guidance, seed=0, batch_size=batch,
+                          progress=False)
+            total = time.perf_counter() - t0
+            return total - sum(decode_s), sum(decode_s)
+        return call
 
-    for _ in range(warmup):
-        bare()
-        gen(steps)()
-    bare_t, gen_t, marg_t = [], [], []
-    for _ in range(repeats):  # interleaved, so that drift of the machine hits all three alike
-        bare_t.append(timed(bare) / steps)
-        g1 = timed(gen(steps))
-        g2 = timed(gen(2 * steps))
-        gen_t.append(g1 / steps)
-        marg_t.append((g2 - g1) / steps)
-    backbone.unet = Identity(unet.config)
     try:
-        gen(steps)()
-        over = statistics.median(timed(gen(steps)) / steps for _ in range(repeats))
+        for _ in range(warmup):
+            bare()
+            gen(steps)()
+        bare_t, gen_t, marg_t, dec_t = [], [], [], []
+        for _ in range(repeats):  # interleaved, so that drift of the machine hits all three alike
+            bare_t.append(timed(bare) / steps)
+            g1, d1 = gen(steps)()
+            g2, _ = gen(2 * steps)()
+            gen_t.append(g1 / steps)
+            marg_t.append((g2 - g1) / steps)
+            dec_t.append(d1)
+        backbone.unet = Identity(unet.config)
+        try:
+            gen(steps)()
+            over = statistics.median(gen(steps)()[0] / steps for _ in range(repeats))
+        finally:
+            backbone.unet = unet
     finally:
-        backbone.unet = unet
+        del pipe._decode
     bare_ms, step_ms, marg_ms = (1e3 * statistics.median(v) for v in (bare_t, gen_t, marg_t))
     return {
-        "bare_ms": bare_ms, "step_ms": step_ms, "ratio": step_ms / bare_ms,
+        "shape": "x".join(map(str, shape[1:])), "bare_ms": bare_ms, "step_ms": step_ms, "ratio": step_ms / bare_ms,
         "paired_ratio": statistics.median(g / b for g, b in zip(gen_t, bare_t)),
         "min_ratio": min(gen_t) / min(bare_t),
         "marginal_ms": marg_ms, "marginal_ratio": marg_ms / bare_ms, "overhead_ms": 1e3 * over,
         "overhead_share": over / statistics.median(bare_t),
         "bare_spread": (max(bare_t) - min(bare_t)) / statistics.median(bare_t),
+        "decode_ms": 1e3 * statistics.median(dec_t),
     }
+
+
+def pipeline_for(source: str, device: str, options: dict):
+    """A trained export (a path) or a recipe's default model with random weights (a recipe name)."""
+    import multidiff
+
+    if Path(source).exists():
+        return multidiff.load(source, device=device, **options)
+    from multidiff.cli.compose import compose
+    from multidiff.pipeline import Pipeline, build_parts
+
+    cfg = compose("train", [f"recipe={source}"])
+    return Pipeline(build_parts(cfg), config=cfg, source=f"recipe={source}", device=device, **options)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="runs/digits/model")
-    ap.add_argument("--batch", type=int, default=8, help="prompts per batch (the backbone sees twice as many)")
+    ap.add_argument("--recipes", nargs="+", default=["image_digits", "audio_notes", "video_moving_digits"],
+                    help="recipes whose default backbone is measured (random weights)")
+    ap.add_argument("--model", nargs="+", default=[], help="exported models to measure instead of recipes")
+    ap.add_argument("--batch", type=int, default=16, help="prompts per batch (the backbone sees twice as many)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--guidance", type=float, default=2.0)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--options", action="store_true", help="also measure with channels_last")
     ap.add_argument("--compile", action="store_true", help="also measure with torch.compile (slow to compile)")
     ap.add_argument("--device", default="cpu")
@@ -130,30 +200,32 @@ def main() -> None:
     if args.guidance == 1.0:
         ap.error("--guidance 1 disables CFG; this benchmark measures the guided (doubled-batch) step")
 
-    import multidiff
-
     configs = [("default", {})]
     if args.options:
         configs.append(("channels_last", {"channels_last": True}))
     if args.compile:
         configs.append(("compile", {"compile": True}))
     rows = []
-    for name, options in configs:
-        pipe = multidiff.load(args.model, device=args.device, **options)
-        row = {"config": name, "batch": args.batch, "backbone_batch": 2 * args.batch, "steps": args.steps,
-               "sampler": args.sampler, **measure(pipe, batch=args.batch, steps=args.steps, sampler=args.sampler,
-                                                  guidance=args.guidance, repeats=args.repeats, warmup=args.warmup)}
-        rows.append(row)
-        print(f"{name:14s} bare {row['bare_ms']:.2f} ms  step {row['step_ms']:.2f} ms  ratio {row['ratio']:.3f} "
-              f"(paired {row['paired_ratio']:.3f}, min {row['min_ratio']:.3f}, marginal {row['marginal_ratio']:.3f})  "
-              f"multidiff overhead {row['overhead_ms']:.3f} ms/step ({100 * row['overhead_share']:.2f}%), "
-              f"bare spread {100 * row['bare_spread']:.0f}%", flush=True)
-    best = rows[0]["ratio"]
-    extra = {"model": args.model, "guidance": args.guidance, "dtype": "float32", "device": args.device,
-             "repeats": args.repeats, "target": "ratio <= 1.05",
-             "verdict": "met" if best <= 1.05 else f"missed ({best:.3f})"}
-    cols = ["config", "batch", "backbone_batch", "steps", "sampler", "bare_ms", "step_ms", "ratio", "paired_ratio",
-            "min_ratio", "marginal_ratio", "overhead_ms", "overhead_share", "bare_spread"]
+    for source in args.model or args.recipes:
+        for name, options in configs:
+            pipe = pipeline_for(source, args.device, options)
+            row = {"model": source, "config": name, "batch": args.batch, "backbone_batch": 2 * args.batch,
+                   "steps": args.steps, "sampler": args.sampler,
+                   **measure(pipe, batch=args.batch, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                             repeats=args.repeats, warmup=args.warmup)}
+            rows.append(row)
+            print(f"{source:20s} {name:14s} {row['shape']:>10s} bare {row['bare_ms']:.1f} ms  step {row['step_ms']:.1f} ms"
+                  f"  ratio {row['ratio']:.3f} (paired {row['paired_ratio']:.3f}, min {row['min_ratio']:.3f}, "
+                  f"marginal {row['marginal_ratio']:.3f})  multidiff overhead {row['overhead_ms']:.3f} ms/step "
+                  f"({100 * row['overhead_share']:.2f}%), decode {row['decode_ms']:.0f} ms/call, "
+                  f"bare spread {100 * row['bare_spread']:.0f}%", flush=True)
+    worst = max(r["ratio"] for r in rows if r["config"] == "default")
+    extra = {"guidance": args.guidance, "dtype": "float32", "device": args.device, "repeats": args.repeats,
+             "weights": "random (recipes) unless --model", "target": "ratio <= 1.05 for every modality",
+             "verdict": "met" if worst <= 1.05 else f"missed (worst {worst:.3f})"}
+    cols = ["model", "config", "shape", "batch", "backbone_batch", "steps", "sampler", "bare_ms", "step_ms", "ratio",
+            "paired_ratio", "min_ratio", "marginal_ratio", "overhead_ms", "overhead_share", "bare_spread",
+            "decode_ms"]
     path = write_results("sampler_overhead", rows, cols, extra)
     print()
     print(path.read_text())

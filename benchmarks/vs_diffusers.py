@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--steps", default="20,50")
     ap.add_argument("--samplers", default="ddim,dpmpp_2m")
     ap.add_argument("--guidance", type=float, default=2.0)
-    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 

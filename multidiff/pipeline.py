@@ -28,7 +28,7 @@ from multidiff.configuration import safe_instantiate, trusted_prefixes
 from multidiff.core.cond import Cond
 from multidiff.core.denoiser import Denoiser
 from multidiff.core.guidance import CFGDenoiser
-from multidiff.core.noise import PerSampleGenerator
+from multidiff.core.noise import PerSampleGenerator, with_prior
 from multidiff.core.samplers import SAMPLERS
 from multidiff.performance import apply_performance_options
 
@@ -71,7 +71,9 @@ def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None, tr
     backbone = make(cfg.backbone)
     schedule = make(cfg.diffusion.schedule)
     param = make(cfg.diffusion.parameterization)
-    denoiser = Denoiser(backbone, param, loss_weighting=cfg.diffusion.get("loss_weighting", "none"))
+    prior = cfg.diffusion.get("noise_prior")
+    denoiser = Denoiser(backbone, param, loss_weighting=cfg.diffusion.get("loss_weighting", "none"),
+                        noise_prior=None if prior is None else make(prior))
     if conditioner is None:
         conditioner = make(cfg.conditioning.encoder)
     return ModelParts(adapter, denoiser, schedule, conditioner)
@@ -160,7 +162,7 @@ class Pipeline:
     def encode_prompts(self, prompts: list[str]) -> Cond:
         return self.conditioner.encode(prompts)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         prompts: str | list[str],
@@ -276,14 +278,14 @@ class Pipeline:
         return paths
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_prompts(denoiser, conditioner, prompts, seeds, shape, fn, sigmas, *, guidance_scale, negative_prompt=None,
                    device="cpu", callback=None) -> Tensor:
     """Sample model tensors ``(B, *shape)``: seeded noise, prompts encoded, CFG, then ``fn``.
 
     ``callback`` (e.g. a tqdm bar) gets ``update(1)`` after every sampler step.
     """
-    gen = PerSampleGenerator(seeds)
+    gen = with_prior(PerSampleGenerator(seeds), getattr(denoiser, "noise_prior", None))
     sigmas = sigmas.to(torch.float32)
     x = gen.randn((len(prompts), *shape), device=device) * float(sigmas[0])
     cond = conditioner.encode(prompts)

@@ -75,3 +75,18 @@ def test_labels_and_dropout():
     share = (dropped.labels == 10).float().mean().item()
     assert 0.25 < share < 0.35
     assert drop_condition(cond, lab.null(), 0.0) is cond
+
+
+def test_encodings_made_under_inference_mode_train_afterwards(text):
+    """generate and the training previews sample under torch.inference_mode; the prompts they encode
+    land in the cache, and a training step that later meets the same caption must be able to save
+    them for backward (an inference tensor would raise there)."""
+    prompt = "a caption first seen by a preview under inference mode"
+    with torch.inference_mode():
+        text.encode([prompt])
+        text.null()
+    cond = text.encode([prompt])
+    assert not cond.tokens.is_inference() and not text.null().tokens.is_inference()
+    layer = torch.nn.Linear(cond.tokens.shape[-1], 2)
+    (layer(cond.tokens).sum() + layer(text.null(2).tokens).sum()).backward()
+    assert layer.weight.grad is not None

@@ -25,6 +25,8 @@ TINY_VIDEO = [
     "callbacks.checkpoint.every_n_steps=2",
     "+trainer.enable_progress_bar=false",
     "logger=tensorboard",
+    # noise partly shared across frames, in training and sampling (through the CLI's override grammar)
+    "diffusion.noise_prior={_target_:multidiff.core.noise.SharedNoise,correlation:0.5,axes:[1]}",
 ]
 
 
@@ -86,6 +88,15 @@ def test_generate_writes_clips_with_frames_and_fps(video_run, tmp_path, fmt, suf
         assert (r["num_frames"], r["fps"], r["prompt"]) == (16, 8, "the digit 3 moving to the left")
         clip, fps = read_video(out / r["file"], channels=1)
         assert clip.shape == (1, 16, 16, 16) and fps == pytest.approx(8)
+
+
+def test_noise_prior_travels_with_the_model(video_run):
+    import multidiff
+    from multidiff.core.noise import SharedNoise
+
+    run_dir, _ = video_run
+    prior = multidiff.load(run_dir / "model").denoiser.noise_prior
+    assert isinstance(prior, SharedNoise) and prior.correlation == 0.5 and prior.axes == (1,)
 
 
 def test_generate_same_seed_same_clip_and_bad_options(video_run, tmp_path):

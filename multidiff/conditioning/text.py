@@ -132,7 +132,15 @@ class TextConditioner:
         return hidden, mask, pooled
 
     def encode(self, prompts: list[str] | str) -> Cond:
-        """Prompts (``B`` strings) -> :class:`Cond` with tokens, mask and pooled on ``self.device``."""
+        """Prompts (``B`` strings) -> :class:`Cond` with tokens, mask and pooled on ``self.device``.
+
+        Cached encodings are ordinary tensors even when the first call comes from sampling under
+        ``torch.inference_mode`` (previews during training, ``generate``): training can then reuse
+        them in autograd."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self._encode(prompts)
+
+    def _encode(self, prompts: list[str] | str) -> Cond:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:

@@ -122,6 +122,9 @@ class Denoiser(nn.Module):
         loss_weighting: ``"none"`` (plain MSE on the network output, the usual choice for each
             prediction type) or ``"min_snr"`` (Hang et al. 2023: x0-space weight ``min(SNR, gamma)``).
         min_snr_gamma: ``gamma`` for ``min_snr``.
+        noise_prior: ``None`` (isotropic Gaussian noise) or a prior such as
+            :class:`~multidiff.core.noise.SharedNoise` (noise correlated across frames) that
+            training draws its noise from and sampling its initial and injected noise.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class Denoiser(nn.Module):
         *,
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
+        noise_prior=None,
     ) -> None:
         super().__init__()
         if loss_weighting not in ("none", "min_snr"):
@@ -139,6 +143,7 @@ class Denoiser(nn.Module):
         self.parameterization = parameterization
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = min_snr_gamma
+        self.noise_prior = noise_prior
 
     def _network(self, x: Tensor, sigma: Tensor, cond: Cond | None) -> tuple[Tensor, ...]:
         sigma = sigma.float()

@@ -41,15 +41,90 @@ Generator = torch.Generator | PerSampleGenerator | None
 def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
     """Standard normal noise shaped like ``x`` drawn from ``generator``.
 
-    ``generator`` may be ``None`` (global RNG), a ``torch.Generator`` (on any device) or a
-    :class:`PerSampleGenerator` (batch-size independent noise, drawn on the CPU).
+    ``generator`` may be ``None`` (global RNG), a ``torch.Generator`` (on any device), a
+    :class:`PerSampleGenerator` (batch-size independent noise, drawn on the CPU) or a
+    :class:`PriorGenerator` (noise from a correlated prior).
     """
-    if isinstance(generator, PerSampleGenerator):
-        return generator.randn(x.shape, dtype=x.dtype, device=x.device)
     if generator is None:
         return torch.randn_like(x)
-    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return noise.to(device=x.device, dtype=x.dtype)
+    return _randn(generator, tuple(x.shape), x)
+
+
+class SharedNoise:
+    """A Gaussian noise prior correlated along some axes of each sample (the "mixed" prior of
+    Ge et al. 2023, PYoCo): ``noise = sqrt(rho) * shared + sqrt(1 - rho) * independent``, where
+    ``shared`` is drawn once per sample and broadcast along ``axes`` (e.g. the frame axis of
+    ``(C, T, H, W)`` video: every frame starts from partly the same noise). Each value keeps unit
+    variance; values along ``axes`` have correlation ``rho``. Training and sampling must use the
+    same prior, which is why it belongs to the :class:`~multidiff.core.denoiser.Denoiser`:
+    the probability-flow ODE in denoiser form is unchanged by a noise covariance, so every
+    deterministic sampler works as is, and the stochastic ones draw their fresh noise from it too.
+
+    Args:
+        correlation: ``rho`` in ``[0, 1)``; 0 is the plain isotropic prior.
+        axes: sample axes (after the batch axis; 1 = frames of ``(C, T, H, W)``) the shared part is
+            constant along.
+    """
+
+    def __init__(self, correlation: float = 0.5, axes: Sequence[int] = (1,)) -> None:
+        if not 0.0 <= float(correlation) < 1.0:
+            raise ValueError(f"noise prior correlation must be in [0, 1), got {correlation!r}")
+        self.correlation = float(correlation)
+        self.axes = tuple(int(a) for a in axes)
+        if not self.axes or any(a < 0 for a in self.axes):
+            raise ValueError(f"noise prior axes must be sample axes >= 0 (0 = channels), got {list(axes)}")
+
+    def shared_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """``shape`` (batch first) with the shared axes set to 1."""
+        shape = list(shape)
+        for a in self.axes:
+            if a + 1 >= len(shape):
+                raise ValueError(f"noise prior axis {a} does not exist in samples of shape {tuple(shape[1:])}")
+            shape[a + 1] = 1
+        return tuple(shape)
+
+    def mix(self, independent: Tensor, shared: Tensor) -> Tensor:
+        """Combine two standard-normal draws (``shared`` of :meth:`shared_shape`) into the prior."""
+        rho = self.correlation
+        return independent * math.sqrt(1.0 - rho) + shared * math.sqrt(rho)
+
+    def sample(self, shape: Sequence[int], *, generator: torch.Generator | None = None, device="cpu") -> Tensor:
+        """A draw of shape ``shape`` (batch first) from a ``torch.Generator`` (or the global RNG)."""
+        kwargs = {"generator": generator, "device": device}
+        independent = torch.randn(tuple(shape), **kwargs)
+        return self.mix(independent, torch.randn(self.shared_shape(shape), **kwargs))
+
+    def __repr__(self) -> str:
+        return f"SharedNoise(correlation={self.correlation}, axes={list(self.axes)})"
+
+
+class PriorGenerator:
+    """Wraps a generator (``torch.Generator``, :class:`PerSampleGenerator` or ``None``) so that its
+    noise comes from a prior such as :class:`SharedNoise`; samplers take it wherever they take a
+    generator (per-sample seeding keeps working: both parts come from sample ``i``'s generator)."""
+
+    def __init__(self, base: Generator, prior: SharedNoise) -> None:
+        self.base, self.prior = base, prior
+
+    def randn(self, shape: Sequence[int], *, dtype=torch.float32, device="cpu") -> Tensor:
+        ref = torch.empty(0, dtype=torch.float32, device=device)
+        independent = _randn(self.base, tuple(shape), ref)
+        shared = _randn(self.base, self.prior.shared_shape(shape), ref)
+        return self.prior.mix(independent, shared).to(dtype)
+
+
+def with_prior(generator: Generator, prior: SharedNoise | None):
+    """``generator`` drawing from ``prior`` (unchanged when ``prior`` is None)."""
+    return generator if prior is None else PriorGenerator(generator, prior)
+
+
+def _randn(generator: Generator, shape: tuple[int, ...], ref: Tensor) -> Tensor:
+    if isinstance(generator, (PerSampleGenerator, PriorGenerator)):
+        return generator.randn(shape, dtype=ref.dtype, device=ref.device)
+    if generator is None:
+        return torch.randn(shape, dtype=ref.dtype, device=ref.device)
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return noise.to(device=ref.device, dtype=ref.dtype)
 
 
 def append_dims(t: Tensor, ndim: int) -> Tensor:

@@ -46,6 +46,13 @@ class VPSchedule:
         num_train_timesteps: number of discrete training timesteps ``T``.
         spacing: how sampling timesteps are picked: ``trailing``, ``leading`` or ``linspace``
             (the names diffusers uses), or ``karras`` (Karras' rho-spacing between the table's ends).
+        shift: multiplies every sigma of the table (log-SNR lowered by ``2 ln shift``), for training
+            and sampling alike: the resolution-dependent shift of Hoogeboom et al. (2023) and
+            Esser et al. (2024; SD3's flow ``shift`` is the same map). Inputs with more redundant
+            values than the schedule was made for (larger images, spectrograms, many frames of one
+            scene) keep their content visible at higher noise, so their coarse decisions (layout,
+            pitch, identity across frames) are made at sigmas the unshifted table rarely trains;
+            a shift of about ``sqrt(values / reference values)`` moves them back. 1 = off.
     """
 
     def __init__(
@@ -56,10 +63,15 @@ class VPSchedule:
         beta_end: float = 2e-2,
         spacing: str = "trailing",
         rho: float = 7.0,
+        shift: float = 1.0,
     ) -> None:
+        if not shift > 0:
+            raise ValueError(f"schedule shift must be > 0 (1 = no shift), got {shift!r}")
         betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
-        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-        sig = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        abar = torch.cumprod(1 - betas, dim=0)
+        sig = ((1 - abar) / abar).sqrt() * float(shift)
+        self.alphas_cumprod = 1 / (1 + sig**2)  # of the shifted table (unchanged at shift 1)
+        self.shift = float(shift)
         self.sigmas_table = sig.float()  # (T,), increasing in t
         self._log_sigmas = sig.log()  # float64 for an exact sigma -> t map
         self.num_train_timesteps = num_train_timesteps

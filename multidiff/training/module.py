@@ -99,7 +99,12 @@ class DiffusionModule(L.LightningModule):
             keep = torch.rand(b * world, generator=rng, device=x0.device)[rank::world] >= self.cond_dropout
             cond = Cond.where(keep, cond, self.conditioner.null()) if self.cond_dropout > 0 else cond
         sigma = self.noise.sample(b * world, device=x0.device, generator=rng)[rank::world]  # float32
-        noise = torch.randn((b * world, *x0.shape[1:]), generator=rng, device=x0.device)[rank::world]
+        shape = (b * world, *x0.shape[1:])
+        prior = self.denoiser.noise_prior
+        if prior is None:
+            noise = torch.randn(shape, generator=rng, device=x0.device)[rank::world]
+        else:  # e.g. noise shared in part across a clip's frames
+            noise = prior.sample(shape, generator=rng, device=x0.device)[rank::world]
         loss = self.denoiser.loss(x0, sigma, noise.to(x0.dtype), cond).mean()
         if self.inject_nan_at_step is not None and self.global_step == self.inject_nan_at_step:
             loss = loss * float("nan")

@@ -234,3 +234,34 @@ def test_bad_steps_raise(make, steps):
 def test_append_zero():
     out = append_zero(torch.tensor([3.0, 1.0]))
     assert out.tolist() == [3.0, 1.0, 0.0] and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "karras"])
+def test_vp_shift_scales_every_sigma(spacing):
+    base, shifted = VPSchedule(spacing=spacing), VPSchedule(spacing=spacing, shift=3.0)
+    torch.testing.assert_close(shifted.sigmas_table, 3.0 * base.sigmas_table)
+    torch.testing.assert_close(shifted.sigmas(12), 3.0 * base.sigmas(12), rtol=1e-5, atol=0)
+    # alphas_cumprod stays the VP view of the (shifted) table: sigma^2 = (1 - a) / a
+    a = shifted.alphas_cumprod
+    torch.testing.assert_close(((1 - a) / a).sqrt().float(), shifted.sigmas_table, rtol=1e-5, atol=0)
+    # the timestep map follows the table: the same timestep index at 3x the sigma
+    sig = base.sigmas_table[[0, 10, 500, 998]]
+    torch.testing.assert_close(shifted.sigma_to_t(3.0 * sig), base.sigma_to_t(sig), rtol=0, atol=1e-3)
+    torch.testing.assert_close(VPSchedule(shift=1.0).sigmas_table, base.sigmas_table)
+
+
+def test_vp_shift_moves_training_noise_up():
+    from multidiff.core.noise import DiscreteTimestepSigma
+
+    g = torch.Generator().manual_seed(0)
+    lo = DiscreteTimestepSigma(VPSchedule()).sample(4000, generator=g)
+    g = torch.Generator().manual_seed(0)
+    hi = DiscreteTimestepSigma(VPSchedule(shift=2.0)).sample(4000, generator=g)
+    assert (hi > 1).float().mean() > (lo > 1).float().mean() + 0.05  # more training at high noise
+    torch.testing.assert_close(hi, 2.0 * lo)
+
+
+@pytest.mark.parametrize("shift", [0.0, -1.0])
+def test_vp_shift_must_be_positive(shift):
+    with pytest.raises(ValueError, match="shift"):
+        VPSchedule(shift=shift)
