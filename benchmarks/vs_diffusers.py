@@ -61,6 +61,8 @@ def diffusers_config(model_dir: Path) -> dict:
     sched = cfg.diffusion.schedule
     if not str(sched._target_).endswith("VPSchedule"):
         raise SystemExit(f"{model_dir}: only discrete VP schedules have a diffusers counterpart here ({sched._target_})")
+    if float(sched.get("shift", 1.0)) != 1.0:
+        raise SystemExit(f"{model_dir}: schedule shift {sched.shift} has no diffusers scheduler counterpart here")
     spacing = sched.get("spacing", "trailing")
     if spacing == "karras":
         raise SystemExit("karras spacing: use diffusers' use_karras_sigmas, not covered by this benchmark")
