@@ -120,7 +120,6 @@ class TextConditioner:
         self._null = None
         return self
 
-    @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         batch = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"

@@ -90,9 +90,7 @@ class SharedNoise:
 
     def sample(self, shape: Sequence[int], *, generator: torch.Generator | None = None, device="cpu") -> Tensor:
         """A draw of shape ``shape`` (batch first) from a ``torch.Generator`` (or the global RNG)."""
-        kwargs = {"generator": generator, "device": device}
-        independent = torch.randn(tuple(shape), **kwargs)
-        return self.mix(independent, torch.randn(self.shared_shape(shape), **kwargs))
+        return PriorGenerator(generator, self).randn(shape, device=device)
 
     def __repr__(self) -> str:
         return f"SharedNoise(correlation={self.correlation}, axes={list(self.axes)})"
