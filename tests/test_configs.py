@@ -126,3 +126,20 @@ def test_recipes_set_the_schedule_shift_their_benchmarks_measured(recipe, shift)
     assert parts.schedule.shift == shift and parts.denoiser.parameterization.schedule.shift == shift
     noise = safe_instantiate(cfg.diffusion.noise)
     assert noise.schedule.shift == shift
+
+
+def test_callbacks_none_switches_off_the_previews_a_recipe_tunes(tmp_path):
+    """The video recipe sets callbacks.samples.every_n_steps; callbacks=none leaves that key without
+    a _target_, which must mean "no previews", not a crash when the run is built."""
+    from multidiff.cli.train import build
+    from multidiff.training.callbacks import SamplePreviews
+
+    overrides = ["recipe=video_moving_digits", "callbacks=none", f"data_root={tmp_path}",
+                 "backbone=unet3d_tiny", "data.dataset.num_digits=20"]
+    cfg = compose("train", overrides)
+    assert "_target_" not in cfg.callbacks.samples  # the recipe's tweak survives, alone
+    _, _, _, trainer = build(cfg, Path(tmp_path) / "run")
+    assert not any(isinstance(cb, SamplePreviews) for cb in trainer.callbacks)
+    cfg = compose("train", overrides[:1] + overrides[2:])
+    _, _, _, trainer = build(cfg, Path(tmp_path) / "run2")
+    assert any(isinstance(cb, SamplePreviews) for cb in trainer.callbacks)

@@ -110,7 +110,9 @@ def build(cfg: DictConfig, run_dir: Path):
     if cfg.training.get("inject_signal_at_step") is not None:
         callbacks.append(SignalAtStep(cfg.training.inject_signal_at_step, cfg.training.get("inject_signal", "SIGTERM")))
     samples_cfg = cfg.callbacks.get("samples")
-    if samples_cfg is not None:
+    # A recipe may tune previews (callbacks.samples.every_n_steps) that callbacks=none switched off:
+    # without a _target_ there is no callback to tune, so there are no previews.
+    if samples_cfg is not None and samples_cfg.get("_target_"):
         cb = make(samples_cfg)
         sampler = make(cfg.sampler.fn)
         callbacks.append(cb.bind(adapter=parts.adapter, schedule=parts.schedule, sampler=sampler, run_dir=run_dir))
