@@ -332,3 +332,101 @@ def test_temporal_layers_start_as_identity_only_when_inflating():
         clip[:, :, 0] += 1.0
         b = net(clip, torch.tensor([0.5]), None)
     assert (a[:, :, 3] - b[:, :, 3]).abs().max() > 1e-5
+
+
+def _joint_module(denoiser, slice_items: int, slice_sigma_scale: float = 1.0):
+    from functools import partial
+
+    from multidiff.core.noise import DiscreteTimestepSigma
+    from multidiff.training.module import DiffusionModule
+
+    schedule = denoiser.parameterization.schedule
+    return DiffusionModule(denoiser, DiscreteTimestepSigma(schedule), None, partial(torch.optim.AdamW, lr=1e-4),
+                           slice_items=slice_items, slice_sigma_scale=slice_sigma_scale)
+
+
+def _joint_inputs(b: int, frames: int = 4):
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(b, 1, frames, 8, 8, generator=g) * 2 - 1
+    sigma = torch.rand(b, generator=g) * 3 + 0.1
+    noise = torch.randn(x0.shape, generator=g)
+    tokens = torch.randn(b, 6, 24, generator=g)
+    return x0, sigma, noise, Cond(tokens=tokens, mask=torch.ones(b, 6, dtype=torch.bool), pooled=tokens.mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+@pytest.mark.parametrize("scale", [1.0, 1 / 3])
+def test_joint_image_video_loss_trains_the_last_items_as_single_frames(denoiser3d, scale):
+    """training.slice_items (joint image-video training): the first B - n items are clips, the last n
+    are one frame each (T=1), at the drawn sigma x training.slice_sigma_scale."""
+    x0, sigma, noise, cond = _joint_inputs(5)
+    module = _joint_module(denoiser3d, slice_items=2, slice_sigma_scale=scale)
+    with torch.no_grad():
+        per_item = module._sliced_loss(x0, sigma, noise, cond, torch.Generator().manual_seed(0), 1, 0)
+        assert per_item.shape == (5,)
+        clips = denoiser3d.loss(x0[:3], sigma[:3], noise[:3], cond.index(slice(0, 3)))
+        torch.testing.assert_close(per_item[:3], clips)
+        for i in (3, 4):  # each image loss is the loss of exactly one of its clip's frames, alone
+            one = cond.index(slice(i, i + 1))
+            frame_losses = torch.cat([denoiser3d.loss(x0[i : i + 1, :, f : f + 1], sigma[i : i + 1] * scale,
+                                                      noise[i : i + 1, :, f : f + 1], one) for f in range(4)])
+            matches = torch.isclose(frame_losses, per_item[i], rtol=1e-5, atol=1e-7)
+            assert matches.sum() == 1, (frame_losses, per_item[i])
+    with pytest.raises(ValueError, match=r"training.slice_dim=1 is not an axis of items of shape \(1,\)"):
+        module._sliced_loss(x0[:, :, 0, 0, 0], sigma, noise[:, :, 0, 0, 0], cond, torch.Generator(), 1, 0)
+    with pytest.raises(ValueError, match="whole number"):
+        _joint_module(denoiser3d, slice_items=-1)
+    with pytest.raises(ValueError, match="slice_sigma_scale must be a number > 0"):
+        _joint_module(denoiser3d, slice_items=1, slice_sigma_scale=0)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_joint_image_video_loss_is_the_same_on_two_ranks(denoiser3d):
+    """Rank r holds global rows r::2 and per-device slice_items n: together the two ranks compute
+    what one process computes on the global batch with slice_items 2n (same frames, same split)."""
+    x0, sigma, noise, cond = _joint_inputs(8)
+    with torch.no_grad():
+        single = _joint_module(denoiser3d, 4)._sliced_loss(x0, sigma, noise, cond, torch.Generator().manual_seed(7), 1, 0)
+        ranks = [
+            _joint_module(denoiser3d, 2)._sliced_loss(x0[r::2], sigma[r::2], noise[r::2], cond.index(slice(r, None, 2)),
+                                                      torch.Generator().manual_seed(7), 2, r)
+            for r in (0, 1)
+        ]
+    torch.testing.assert_close(torch.stack(ranks, 1).flatten(), single)
+
+
+def test_lighter_temporal_layers_run_save_load_and_inflate(tmp_path):
+    """temporal_conv_depth < 4 and input_temporal_attention=False remove temporal layers only: the
+    backbone still runs any T, loads its own weights, and inflates an image model exactly."""
+    from diffusers.models.resnet import TemporalConvLayer
+
+    torch.manual_seed(0)
+    full = UNet3DCond(**TINY3D)
+    light = UNet3DCond(**TINY3D, temporal_conv_depth=2, input_temporal_attention=False)
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(light) < count(full)
+    assert not any(k.startswith("transformer_in.") for k in light.unet.state_dict())
+    convs = [m for m in light.unet.modules() if isinstance(m, TemporalConvLayer)]
+    assert convs and all(isinstance(m.conv2, torch.nn.Identity) and isinstance(m.conv3, torch.nn.Identity)
+                         and not isinstance(m.conv1, torch.nn.Identity) for m in convs)
+    x, c = torch.randn(2, 1, 3, 8, 8), torch.tensor([30.0, 700.0])
+    with torch.no_grad():
+        y = light.eval()(x, c, _cond())
+    assert y.shape == x.shape
+    light.save_pretrained(tmp_path / "light")
+    again = UNet3DCond(**TINY3D, temporal_conv_depth=2, input_temporal_attention=False).eval()
+    again.load_pretrained(tmp_path / "light")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, c, _cond()), y)
+    image = UNet2DCond(**TINY, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(4, 8)).eval()
+    image.save_pretrained(tmp_path / "image" / "backbone")
+    inflated = UNet3DCond(**TINY3D, temporal_conv_depth=1, input_temporal_attention=False,
+                          init_from=str(tmp_path / "image")).eval()
+    frames = x.permute(0, 2, 1, 3, 4).reshape(6, 1, 8, 8)
+    with torch.no_grad():
+        per_frame = image(frames, c.repeat_interleave(3), _cond().repeat_interleave(3))
+        torch.testing.assert_close(inflated(x, c, _cond()), per_frame.reshape(2, 3, 1, 8, 8).permute(0, 2, 1, 3, 4),
+                                   atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="temporal_conv_depth must be 1, 2, 3 or 4"):
+        UNet3DCond(**TINY3D, temporal_conv_depth=5)

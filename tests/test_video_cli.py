@@ -4,6 +4,7 @@ model), log sample clips, export, generate MP4 and GIF with num_frames/fps, and 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -25,6 +26,7 @@ TINY_VIDEO = [
     "callbacks.checkpoint.every_n_steps=2",
     "+trainer.enable_progress_bar=false",
     "logger=tensorboard",
+    "training.slice_items=1",  # joint image-video training: one of the 4 clips trained as a single frame
     # noise partly shared across frames, in training and sampling (through the CLI's override grammar)
     "diffusion.noise_prior={_target_:multidiff.core.noise.SharedNoise,correlation:0.5,axes:[1]}",
 ]
@@ -72,6 +74,23 @@ def test_train_exports_and_logs_sample_videos(video_run):
     assert "samples" in tags and "videos/00" in tags
     gif = events.Images("videos/00")[-1].encoded_image_string
     assert gif[:6] == b"GIF89a"
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/loss_whole", "train/loss_sliced"} <= set(scalars)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["recipe=video_moving_digits", "data.batch_size=4", "training.slice_items=4"],
+     r"training.slice_items=4 is invalid: it must be a whole number from 0 \(off\) to data.batch_size - 1 \(3\)"),
+    (["recipe=image_digits", "training.slice_items=2"],
+     r"training.slice_dim=1 does not name a slicing axis of this modality's items \(1, 16, 16\) \(ImageAdapter\)"),
+    (["recipe=video_moving_digits", "training.slice_dim=4", "data.dataset.num_digits=20"],
+     r"training.slice_dim=4 does not name a slicing axis of this modality's items \(1, 8, 16, 16\)"),
+])
+def test_slice_items_errors_name_the_key(overrides, message, tmp_path):
+    proc = multidiff_cli("train", *overrides, f"run_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode != 0
+    assert re.search(message, proc.stderr + proc.stdout), proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(("fmt", "suffix"), [(None, ".mp4"), ("gif", ".gif")])

@@ -79,6 +79,15 @@ class UNet3DCond(Backbone):
             ``init_from`` is given.
         pooled_cond: also add ``cond.pooled`` to the timestep embedding (through
             ``time_cond_proj_dim``), a global conditioning path beside cross-attention.
+        temporal_conv_depth: convolutions in each of diffusers' ``TemporalConvLayer`` s (it has 4,
+            each GroupNorm + SiLU + a 3-tap conv over time; fewer keep the first ``depth - 1`` and
+            the last). On small clips these layers are most of the cost (about a third of a
+            forward pass at the defaults), so fewer buys more steps for the same time.
+        input_temporal_attention: keep ``UNet3DConditionModel``'s temporal attention right after
+            the input convolution (at full resolution, the costliest attention of the network);
+            ``False`` removes it (the temporal convolutions and deeper temporal attentions remain).
+            A model saved with either setting loads only with the same setting (the layers are absent
+            from its weights), which multidiff's own loading guarantees.
         **kwargs: passed to ``UNet3DConditionModel``.
     """
 
@@ -101,6 +110,8 @@ class UNet3DCond(Backbone):
         init_from: str | None = None,
         zero_init_temporal: bool | None = None,
         pooled_cond: bool = False,
+        temporal_conv_depth: int = 4,
+        input_temporal_attention: bool = True,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -121,6 +132,7 @@ class UNet3DCond(Backbone):
             **kwargs,
         )
         self.unet.set_attn_processor(_masked_cross_attention_processor())
+        prune_temporal_layers(self.unet, temporal_conv_depth, input_temporal_attention)
         self.cross_attention_dim, self.pooled_cond = cross_attention_dim, pooled_cond
         # one learned token per class (+ the null label) for label conditioning
         self.label_tokens = None if num_class_embeds is None else nn.Embedding(num_class_embeds + 1, cross_attention_dim)
@@ -246,6 +258,30 @@ class UNet3DCond(Backbone):
         self.unet.load_state_dict(load_file(Path(directory) / self.weights_name))
         if self.label_tokens is not None:
             self.label_tokens.load_state_dict(load_file(Path(directory) / "label_tokens.safetensors"))
+
+
+class _NoTemporalAttention(nn.Module):
+    """Stands in for ``UNet3DConditionModel.transformer_in``: returns its input (as ``(x,)``)."""
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> tuple[Tensor]:
+        return (hidden_states,)
+
+
+def prune_temporal_layers(unet: nn.Module, conv_depth: int = 4, input_attention: bool = True) -> None:
+    """Keep ``conv_depth`` of the 4 convolutions of every ``TemporalConvLayer`` (the first
+    ``conv_depth - 1`` and the last) and, with ``input_attention=False``, drop the input temporal
+    transformer. The defaults leave diffusers' network as it is."""
+    from diffusers.models.resnet import TemporalConvLayer
+
+    if not (isinstance(conv_depth, int) and 1 <= conv_depth <= 4):
+        raise ValueError(f"backbone.temporal_conv_depth must be 1, 2, 3 or 4 (diffusers' full layer), got {conv_depth!r}")
+    if conv_depth < 4:
+        for module in unet.modules():
+            if isinstance(module, TemporalConvLayer):
+                for name in ("conv1", "conv2", "conv3")[conv_depth - 1 :]:
+                    setattr(module, name, nn.Identity())
+    if not input_attention:
+        unet.transformer_in = _NoTemporalAttention()
 
 
 def zero_temporal_outputs(unet: nn.Module) -> None:

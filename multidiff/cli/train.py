@@ -60,6 +60,12 @@ def _validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not ok(value):
             raise ConfigError(f"{key}={value!r} is invalid: it must be {what}")
+    sliced, batch = OmegaConf.select(cfg, "training.slice_items", default=0), cfg.data.batch_size
+    if sliced is not None and not (isinstance(sliced, int) and 0 <= sliced < batch):
+        raise ConfigError(
+            f"training.slice_items={sliced!r} is invalid: it must be a whole number from 0 (off) to data.batch_size - 1 "
+            f"({batch - 1}); it says how many of each batch's {batch} items train on one slice (e.g. one frame of a clip)"
+        )
 
 
 # Lightning warnings that do not apply to multidiff runs and would only alarm users:
@@ -68,6 +74,20 @@ def _validate(cfg: DictConfig) -> None:
 # - the frozen text encoder is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+def _check_slicing(cfg: DictConfig, adapter) -> None:
+    """training.slice_items needs an item axis to slice: one of the modality's (C, ...) beyond the channels."""
+    if not cfg.training.get("slice_items"):
+        return
+    dim, shape = cfg.training.get("slice_dim", 1), tuple(adapter.sample_shape())
+    if not (isinstance(dim, int) and 1 <= dim < len(shape)) or (len(shape) < 4):
+        raise ConfigError(
+            f"training.slice_dim={dim!r} does not name a slicing axis of this modality's items {shape} "
+            f"({type(adapter).__name__}): training.slice_items trains single slices of items with more than two "
+            "axes beyond the channels, e.g. single frames (slice_dim=1) of video clips (C, T, H, W); "
+            "set training.slice_items=0 or use a modality whose items have such an axis"
+        )
 
 
 def build(cfg: DictConfig, run_dir: Path):
@@ -81,6 +101,7 @@ def build(cfg: DictConfig, run_dir: Path):
     trusted = trusted_prefixes(cfg)
     make = partial(safe_instantiate, trusted=trusted, source="train config")
     parts = build_parts(cfg, source="train config")
+    _check_slicing(cfg, parts.adapter)
     datamodule = DiffusionDataModule(
         partial(make, cfg.data.dataset, adapter=parts.adapter),
         batch_size=cfg.data.batch_size,
@@ -105,6 +126,9 @@ def build(cfg: DictConfig, run_dir: Path):
         compile=bool(cfg.training.get("compile", False)),
         compile_options=OmegaConf.to_container(cfg.training.compile_options, resolve=True)
         if cfg.training.get("compile_options") else None,
+        slice_items=cfg.training.get("slice_items", 0) or 0,
+        slice_dim=cfg.training.get("slice_dim", 1),
+        slice_sigma_scale=cfg.training.get("slice_sigma_scale", 1.0),
     )
     callbacks = [GracefulStop(run_dir / "checkpoints" / "last.ckpt"), NonFiniteGuard(cfg.training.get("nonfinite", "stop"))]
     if cfg.training.get("inject_signal_at_step") is not None:

@@ -33,6 +33,18 @@ class DiffusionModule(L.LightningModule):
             state to carry in checkpoints.
         nonfinite: ``"stop"`` raises on a NaN/inf loss, ``"skip"`` skips that step (counted).
         inject_nan_at_step: fault injection for tests: make the loss NaN at this optimizer step.
+        slice_items: of every per-device batch, the last ``slice_items`` items are trained on one
+            random index along item axis ``slice_dim`` (kept as a length-1 axis) beside the whole
+            items, in the same step; 0 = off. With clips ``(C, T, H, W)`` and ``slice_dim=1`` these
+            are single frames: joint image-video training (Ho et al. 2022; Make-A-Video;
+            VideoLDM), where a slice costs about ``1/T`` of an item, so the layers that act within
+            a slice see many more distinct items per step for the same compute.
+        slice_dim: the item axis (0 = channels) that ``slice_items`` slices.
+        slice_sigma_scale: multiplies the noise levels drawn for the sliced items. Whole items keep
+            their content visible at higher noise than one slice of them (their slices are
+            redundant), which is why they may train on a shifted schedule
+            (``diffusion.schedule.shift``); ``1 / shift`` trains the slices on the unshifted levels
+            (the resolution-dependent shift, applied per item).
         channels_last, compile, compile_options: speed options for the trained backbone
             (:func:`multidiff.performance.apply_performance_options`); the EMA copy, used for
             previews and the export, keeps the default layout and is not compiled.
@@ -55,6 +67,9 @@ class DiffusionModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         compile_options: dict | None = None,
+        slice_items: int = 0,
+        slice_dim: int = 1,
+        slice_sigma_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
@@ -68,6 +83,13 @@ class DiffusionModule(L.LightningModule):
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"training.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.seed, self.nonfinite, self.inject_nan_at_step = seed, nonfinite, inject_nan_at_step
+        if not (isinstance(slice_items, int) and slice_items >= 0):
+            raise ValueError(f"training.slice_items must be a whole number >= 0 (0 = off), got {slice_items!r}")
+        if not (isinstance(slice_dim, int) and slice_dim >= 1):
+            raise ValueError(f"training.slice_dim must be an item axis >= 1 (0 is the channels), got {slice_dim!r}")
+        if not (isinstance(slice_sigma_scale, int | float) and slice_sigma_scale > 0):
+            raise ValueError(f"training.slice_sigma_scale must be a number > 0 (1 = unchanged), got {slice_sigma_scale!r}")
+        self.slice_items, self.slice_dim, self.slice_sigma_scale = slice_items, slice_dim, float(slice_sigma_scale)
         self.skipped_steps = 0
         self._rng: torch.Generator | None = None
 
@@ -105,13 +127,47 @@ class DiffusionModule(L.LightningModule):
             noise = torch.randn(shape, generator=rng, device=x0.device)[rank::world]
         else:  # e.g. noise shared in part across a clip's frames
             noise = prior.sample(shape, generator=rng, device=x0.device)[rank::world]
-        loss = self.denoiser.loss(x0, sigma, noise.to(x0.dtype), cond).mean()
+        noise = noise.to(x0.dtype)
+        if self.slice_items:
+            per_sample = self._sliced_loss(x0, sigma, noise, cond, rng, world, rank)
+        else:
+            per_sample = self.denoiser.loss(x0, sigma, noise, cond)
+        loss = per_sample.mean()
         if self.inject_nan_at_step is not None and self.global_step == self.inject_nan_at_step:
             loss = loss * float("nan")
         if not torch.isfinite(loss):
             return self._nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=b, sync_dist=world > 1)
         return loss
+
+    def _sliced_loss(self, x0, sigma, noise, cond: Cond, rng, world: int, rank: int) -> torch.Tensor:
+        """Per-item losses: the first ``B - slice_items`` items whole, the rest on one random index
+        along ``slice_dim`` each.
+
+        The split is by position in the per-device batch, which is the same split of the global
+        batch on every rank (rank r holds global rows r::world), and the indices are drawn for the
+        global batch, so R processes still compute what one process computes.
+        """
+        axis = self.slice_dim + 1  # the tensor axis, after the batch axis
+        if axis >= x0.ndim:
+            raise ValueError(
+                f"training.slice_dim={self.slice_dim} is not an axis of items of shape {tuple(x0.shape[1:])} "
+                f"(choose 1 to {x0.ndim - 2}), or set training.slice_items=0"
+            )
+        b, length = x0.shape[0], x0.shape[axis]
+        pick = torch.randint(0, length, (b * world,), generator=rng, device=x0.device)[rank::world]
+        k = max(b - self.slice_items, 1)  # at least one whole item per batch (a short last batch may have fewer)
+        shape = list(x0[k:].shape)
+        shape[axis] = 1
+        index = pick[k:].reshape(-1, *([1] * (x0.ndim - 1))).expand(shape)
+        part, part_noise = (torch.gather(t[k:], axis, index) for t in (x0, noise))
+        whole = self.denoiser.loss(x0[:k], sigma[:k], noise[:k], cond.index(slice(0, k)))
+        if k == b:
+            return whole
+        sliced = self.denoiser.loss(part, sigma[k:] * self.slice_sigma_scale, part_noise, cond.index(slice(k, b)))
+        self.log("train/loss_whole", whole.mean(), on_step=True, batch_size=k, sync_dist=world > 1)
+        self.log("train/loss_sliced", sliced.mean(), on_step=True, batch_size=b - k, sync_dist=world > 1)
+        return torch.cat([whole, sliced])
 
     def _nonfinite(self, loss: torch.Tensor):
         from multidiff.training.faults import NonFiniteLossError
