@@ -199,6 +199,7 @@ def main() -> None:
     runs = [
         ("generated", dict(base, per_prompt=n)),
         ("generated, guidance 4", dict(base, per_prompt=n2, guidance=4.0)),
+        ("generated, guidance 6", dict(base, per_prompt=n2, guidance=6.0)),
         ("generated, paraphrase 'a handwritten {name} moving ...'", dict(base, per_prompt=n2, template=1)),
         ("generated, ddim", dict(base, per_prompt=n2, sampler="ddim")),
         ("generated, 16 frames (trained on 8)", dict(base, per_prompt=n2, num_frames=16)),
