@@ -83,6 +83,8 @@ def test_train_exports_and_logs_sample_videos(video_run):
      r"training.slice_items=4 is invalid: it must be a whole number from 0 \(off\) to data.batch_size - 1 \(3\)"),
     (["recipe=image_digits", "training.slice_items=2"],
      r"training.slice_dim=1 does not name a slicing axis of this modality's items \(1, 16, 16\) \(ImageAdapter\)"),
+    (["recipe=video_moving_digits", "training.slice_sigma_scale=0"],
+     r"training.slice_sigma_scale=0 is invalid: it must be a number > 0"),
     (["recipe=video_moving_digits", "training.slice_dim=4", "data.dataset.num_digits=20"],
      r"training.slice_dim=4 does not name a slicing axis of this modality's items \(1, 8, 16, 16\)"),
 ])

@@ -55,6 +55,8 @@ def _validate(cfg: DictConfig) -> None:
         ("data.batch_size", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
         ("conditioning.dropout", lambda v: isinstance(v, int | float) and 0 <= v < 1, "a number in [0, 1)"),
         ("training.ema_decay", lambda v: isinstance(v, int | float) and 0 <= v < 1, "a number in [0, 1)"),
+        ("training.slice_dim", lambda v: isinstance(v, int) and v >= 1, "an item axis >= 1 (0 is the channels)"),
+        ("training.slice_sigma_scale", lambda v: isinstance(v, int | float) and v > 0, "a number > 0 (1 = unchanged)"),
     ]
     for key, ok, what in checks:
         value = OmegaConf.select(cfg, key, default=None)
