@@ -83,7 +83,7 @@ def _check_slicing(cfg: DictConfig, adapter) -> None:
     if not cfg.training.get("slice_items"):
         return
     dim, shape = cfg.training.get("slice_dim", 1), tuple(adapter.sample_shape())
-    if not (isinstance(dim, int) and 1 <= dim < len(shape)) or (len(shape) < 4):
+    if dim >= len(shape) or len(shape) < 4:  # _validate has made dim an integer >= 1
         raise ConfigError(
             f"training.slice_dim={dim!r} does not name a slicing axis of this modality's items {shape} "
             f"({type(adapter).__name__}): training.slice_items trains single slices of items with more than two "

@@ -157,13 +157,13 @@ class DiffusionModule(L.LightningModule):
         b, length = x0.shape[0], x0.shape[axis]
         pick = torch.randint(0, length, (b * world,), generator=rng, device=x0.device)[rank::world]
         k = max(b - self.slice_items, 1)  # at least one whole item per batch (a short last batch may have fewer)
+        whole = self.denoiser.loss(x0[:k], sigma[:k], noise[:k], cond.index(slice(0, k)))
+        if k == b:
+            return whole
         shape = list(x0[k:].shape)
         shape[axis] = 1
         index = pick[k:].reshape(-1, *([1] * (x0.ndim - 1))).expand(shape)
         part, part_noise = (torch.gather(t[k:], axis, index) for t in (x0, noise))
-        whole = self.denoiser.loss(x0[:k], sigma[:k], noise[:k], cond.index(slice(0, k)))
-        if k == b:
-            return whole
         sliced = self.denoiser.loss(part, sigma[k:] * self.slice_sigma_scale, part_noise, cond.index(slice(k, b)))
         self.log("train/loss_whole", whole.mean(), on_step=True, batch_size=k, sync_dist=world > 1)
         self.log("train/loss_sliced", sliced.mean(), on_step=True, batch_size=b - k, sync_dist=world > 1)
