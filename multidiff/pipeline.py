@@ -29,7 +29,7 @@ from multidiff.core.cond import Cond
 from multidiff.core.denoiser import Denoiser
 from multidiff.core.guidance import CFGDenoiser
 from multidiff.core.noise import PerSampleGenerator, with_prior
-from multidiff.core.samplers import SAMPLERS
+from multidiff.core.samplers import SAMPLERS, read_grid
 from multidiff.performance import apply_performance_options
 
 FORMAT = "multidiff-model"
@@ -189,7 +189,7 @@ class Pipeline:
         fn, default_name = self._sampler(sampler)
         sampler_name = sampler_name or default_name
         _check_options(prompts, num_samples, steps, guidance_scale, batch_size)
-        sigmas = self.schedule.sigmas(steps) if sigmas is None else sigmas
+        sigmas = self._grid(steps, sigmas)
         try:
             shape = tuple(self.adapter.sample_shape(**shape_options))
         except ValueError as e:  # the adapter rejects a length option (num_frames=, duration=, ...)
@@ -226,6 +226,16 @@ class Pipeline:
         raw = self.adapter.decode(x0)
         fit = getattr(self.adapter, "fit_length", None)
         return fit(raw, **options) if fit is not None and options else raw
+
+    def _grid(self, steps: int, sigmas: Tensor | None) -> Tensor:
+        """The schedule's grid for ``steps`` (or the caller's ``sigmas``), checked before any sampling."""
+        given = sigmas is not None
+        try:
+            sigmas = sigmas if given else self.schedule.sigmas(steps)  # refuses more steps than noise levels
+            read_grid(sigmas)  # a repeated level: a custom grid, or float32 merging a huge continuous one
+        except ValueError as e:
+            raise GenerationError(str(e) if given else f"steps={steps}: {e}") from None
+        return sigmas
 
     @staticmethod
     def _sampler(sampler):

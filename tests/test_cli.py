@@ -87,7 +87,9 @@ def test_generate_refuses_existing_results_unless_overwrite(tiny_run, tmp_path):
         (["train", "trainer.max_stepz=5"], "unknown config key 'trainer.max_stepz'"),
         (["train", "trainer.max_steps=0"], "trainer.max_steps=0 is invalid"),
         (["train", "trainer.precision=banana"], "invalid trainer settings"),
-        (["train", "data=folder", "data.dataset.root=/no/such/folder"], "dataset folder /no/such/folder does not exist"),
+        (["train", "data=folder", "data.dataset.root=/no/such/folder"],
+         "dataset folder /no/such/folder does not exist; set data.dataset.root to a folder"),
+        (["train", "callbacks.samples.steps=5000"], "callbacks.samples.steps=5000 is invalid"),
         (["generate", "model=/no/such/model", "prompt=x", "out=/tmp/x"], "model path /no/such/model does not exist"),
         (["generate", "model=/tmp", "prompt=x", "out=/tmp/x"], "is not a multidiff model"),
         (["generate", "model=/tmp", "prompt=x", "out=/tmp/x", "steps=0"], "steps=0 is invalid"),
@@ -107,6 +109,22 @@ def test_bad_input_gets_one_paragraph_error(args, expected):
         from multidiff.cli.compose import available
 
         assert ", ".join(available(group)) in proc.stderr
+
+
+@pytest.mark.parametrize("steps", [100_000, 1001])
+def test_generate_refuses_more_steps_than_the_schedule_has_noise_levels(tiny_run, tmp_path, steps):
+    # 100,000 steps used to end in ZeroDivisionError after the first step; 1,001 ran with a repeated level
+    proc = multidiff_cli("generate", f"model={tiny_run / 'model'}", "prompt=a digit", f"out={tmp_path / 'o'}",
+                         f"steps={steps}", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"steps={steps}" in proc.stderr and "use steps <= 1000" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_at_the_largest_step_count_through_the_cli(tiny_run, tmp_path):
+    multidiff_cli("generate", f"model={tiny_run / 'model'}", "prompt=a digit", f"out={tmp_path / 'o'}", "steps=1000",
+                  "sampler=euler")
+    assert (tmp_path / "o" / "0000.png").is_file()
 
 
 def test_prompts_file_errors(tmp_path):

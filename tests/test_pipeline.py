@@ -11,6 +11,7 @@ import torch
 
 import multidiff
 from multidiff.configuration import UnsafeConfigError
+from multidiff.core.samplers import SAMPLERS
 from multidiff.pipeline import GenerationError, ModelLoadError
 
 
@@ -55,6 +56,8 @@ def test_save_writes_files_and_metadata(pipe, tmp_path):
 
 def test_bad_generate_options(pipe):
     for kw, msg in [({"steps": 0}, "steps must be"), ({"num_samples": 0}, "num_samples must be"),
+                    ({"steps": 100_000}, "use steps <= 1000"), ({"steps": 1001}, "use steps <= 1000"),
+                    ({"sigmas": torch.tensor([3.0, 1.0, 1.0, 0.0])}, "strictly decreasing"),
                     ({"guidance_scale": -1.0}, "guidance_scale must be"), ({"sampler": "nope"}, "unknown sampler")]:
         with pytest.raises(GenerationError, match=msg):
             pipe.generate("x", progress=False, **kw)
@@ -92,3 +95,30 @@ def test_pickle_payload_checkpoint_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="weights_only=True"):
         multidiff.load(bad)
     assert not marker.exists()
+
+
+EDGES = [  # generation options at their edges (steps 1 and the schedule's maximum are separate below)
+    dict(steps=1),
+    dict(num_samples=1, batch_size=64),  # a batch larger than the number of samples
+    dict(num_samples=40, batch_size=16),  # several batches, a short last one
+    dict(guidance_scale=0.0),
+    dict(guidance_scale=1.0),
+    dict(guidance_scale=50.0),
+]
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_generation_options_at_their_edges(pipe, sampler):
+    for edge in EDGES:
+        kw = {"steps": 2, "num_samples": 2, **edge}
+        out = pipe.generate("a handwritten digit five", sampler=sampler, seed=1, progress=False, **kw)
+        assert out.shape == (kw["num_samples"], 1, 16, 16) and torch.isfinite(out).all(), (sampler, edge)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_the_most_steps_the_schedule_allows(pipe, sampler):
+    steps = pipe.schedule.max_steps
+    assert steps == 1000  # the tiny model's discrete 1000-step table
+    out = pipe.generate("a handwritten digit five", sampler=sampler, steps=steps, progress=False)
+    assert torch.isfinite(out).all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -23,8 +24,8 @@ def train(run_dir, data_root, *extra, check=True, env=None):
                          *FAST, *extra, check=check, env=env)
 
 
-def weights(run_dir, prefix="denoiser."):
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+def weights(run_dir, prefix="denoiser.", name="last.ckpt"):
+    state = torch.load(run_dir / "checkpoints" / name, weights_only=True)
     return state["global_step"], {k: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
 
 
@@ -78,8 +79,83 @@ def test_sigkill_after_periodic_checkpoint_then_resume_is_exact(straight, tmp_pa
     step, resumed = weights(run)
     assert step == 8
     assert_same_weights(resumed, weights(straight)[1])
+    assert_same_weights(weights(run, "ema.")[1], weights(straight, "ema.")[1])
     # rows up to the checkpoint (step 4) survived the kill; those after it are logged once, by the resumed run
     assert logged_steps(run) == logged_steps(straight)
+
+
+def exported(run_dir):
+    """The exported backbone's tensors (RUN/model/backbone/*.safetensors)."""
+    from safetensors.torch import load_file
+
+    files = sorted((run_dir / "model" / "backbone").glob("*.safetensors"))
+    assert files, f"no exported weights in {run_dir / 'model'}"
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("parts", [[4], [3, 6]], ids=["extended-once", "extended-twice"])
+def test_extending_a_finished_run_is_exact(straight, tmp_path, data_root, parts):
+    """A run that finished (mid-epoch) and is extended with a higher max_steps and resume=auto ends
+    with the weights, EMA and export of the uninterrupted run (its final checkpoint used to be
+    written after Lightning had closed the epoch, so the extension restarted on other data)."""
+    run = tmp_path / "run"
+    for i, steps in enumerate([*parts, 8]):
+        train(run, data_root, f"trainer.max_steps={steps}", "callbacks.checkpoint.every_n_steps=4",
+              *(["resume=auto"] if i else []))
+        if steps == 4:  # the periodic checkpoint of step 4 holds that step's EMA update, as a final one does
+            assert_same_weights(weights(run, "ema.")[1], weights(straight, "ema.", "step_0000004.ckpt")[1], atol=0)
+    step, resumed = weights(run)
+    assert step == 8
+    assert_same_weights(resumed, weights(straight)[1])
+    assert_same_weights(weights(run, "ema.")[1], weights(straight, "ema.")[1])
+    assert_same_weights(exported(run), exported(straight))
+
+
+def test_extending_a_run_that_finished_at_an_epoch_boundary_is_exact(tmp_path, data_root):
+    """Batch 64: an epoch is 28 steps (1,797 digits, last batch dropped); 28 + 28 == 56 straight, with
+    the recipe's end-of-run previews on."""
+    opts = ("data.batch_size=64", "callbacks.samples.at_end=true", "callbacks.checkpoint.every_n_steps=0")
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(straight, data_root, "trainer.max_steps=56", *opts)
+    train(run, data_root, "trainer.max_steps=28", *opts)
+    train(run, data_root, "trainer.max_steps=56", "resume=auto", *opts)
+    assert weights(run)[0] == weights(straight)[0] == 56
+    assert_same_weights(weights(run)[1], weights(straight)[1])
+    assert_same_weights(weights(run, "ema.")[1], weights(straight, "ema.")[1])
+    assert_same_weights(exported(run), exported(straight))
+
+
+def _error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("multidiff train: error:")]
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_resume_refuses_files_it_cannot_continue_with_one_paragraph(straight, tmp_path, data_root):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    files = {"pickle.ckpt": pickle.dumps(Payload()), "empty.ckpt": b""}
+    good = (straight / "checkpoints" / "last.ckpt").read_bytes()
+    files["truncated.ckpt"] = good[: len(good) // 2]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.ckpt")
+    expected = {"pickle.ckpt": "never unpickles", "empty.ckpt": "the file is empty",
+                "truncated.ckpt": "not a checkpoint written by torch.save",
+                "foreign.ckpt": "not a multidiff training checkpoint"}
+    for name, phrase in expected.items():
+        line = _error_line(train(tmp_path / "run", data_root, f"resume={tmp_path / name}", check=False))
+        assert phrase in line and str(tmp_path / name) in line and "resume=auto" in line, line
+    assert not marker.exists()  # nothing in the pickle ran
+    # a checkpoint of another model shape names the first key that differs
+    line = _error_line(train(tmp_path / "run", data_root, f"resume={straight / 'checkpoints' / 'last.ckpt'}",
+                             "backbone=unet2d_small", check=False))
+    assert "was written for another model" in line and "denoiser.backbone." in line and "shape" in line, line
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything was written
 
 
 def test_resume_from_explicit_path(straight, tmp_path, data_root):

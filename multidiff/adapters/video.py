@@ -302,7 +302,7 @@ class VideoAdapter(Adapter):
             raise ValueError(
                 f"the clip has {length} frames but modality.num_frames={self.num_frames} with "
                 f"modality.frame_stride={self.frame_stride} needs {span}; lower num_frames or frame_stride, "
-                "or leave such clips out (data.on_error=skip)"
+                "or leave such clips out (data.dataset.on_error=skip)"
             )
         start = (length - span) // 2
         return torch.arange(start, start + span, self.frame_stride)

@@ -14,7 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from multidiff.cli.compose import ConfigError
 from multidiff.configuration import safe_instantiate, trusted_prefixes
-from multidiff.training.faults import AtomicCheckpointIO, GracefulStop, NonFiniteGuard, NonFiniteLossError, SignalAtStep
+from multidiff.training.faults import (
+    AtomicCheckpointIO,
+    GracefulStop,
+    LastCheckpoint,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    SignalAtStep,
+    save_full_checkpoint,
+)
 
 log = logging.getLogger("multidiff.train")
 
@@ -132,7 +140,10 @@ def build(cfg: DictConfig, run_dir: Path):
         slice_dim=cfg.training.get("slice_dim", 1),
         slice_sigma_scale=cfg.training.get("slice_sigma_scale", 1.0),
     )
-    callbacks = [GracefulStop(run_dir / "checkpoints" / "last.ckpt"), NonFiniteGuard(cfg.training.get("nonfinite", "stop"))]
+    ckpt = cfg.callbacks.get("checkpoint", {})
+    last = run_dir / "checkpoints" / "last.ckpt"
+    callbacks = [GracefulStop(last), LastCheckpoint(last, ckpt.get("every_n_steps", 0)),
+                 NonFiniteGuard(cfg.training.get("nonfinite", "stop"))]
     if cfg.training.get("inject_signal_at_step") is not None:
         callbacks.append(SignalAtStep(cfg.training.inject_signal_at_step, cfg.training.get("inject_signal", "SIGTERM")))
     samples_cfg = cfg.callbacks.get("samples")
@@ -140,9 +151,12 @@ def build(cfg: DictConfig, run_dir: Path):
     # without a _target_ there is no callback to tune, so there are no previews.
     if samples_cfg is not None and samples_cfg.get("_target_"):
         cb = make(samples_cfg)
+        try:  # a preview grid the schedule cannot give would only fail at the first preview, mid-training
+            parts.schedule.sigmas(cb.steps)
+        except ValueError as e:
+            raise ConfigError(f"callbacks.samples.steps={cb.steps!r} is invalid: {e}") from None
         sampler = make(cfg.sampler.fn)
         callbacks.append(cb.bind(adapter=parts.adapter, schedule=parts.schedule, sampler=sampler, run_dir=run_dir))
-    ckpt = cfg.callbacks.get("checkpoint", {})
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks.append(
@@ -154,7 +168,7 @@ def build(cfg: DictConfig, run_dir: Path):
             save_top_k=ckpt.get("keep_last", 1),
             monitor="step",
             mode="max",
-            save_last=True,
+            save_last=False,  # LastCheckpoint keeps last.ckpt, written inside the loop (see there)
         )
     )
     logger = make(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
@@ -224,6 +238,55 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(best) if step_of(best)[0] >= 0 else None
 
 
+RESUME_HINT = "pass resume=auto, or a last.ckpt or step_*.ckpt that multidiff train wrote for a run with these settings"
+
+
+def read_resume_checkpoint(path: str | Path) -> dict:
+    """The model state of a checkpoint to resume from, read (memory-mapped) before anything heavy is
+    built; one paragraph for a file that is empty, truncated or not a torch checkpoint, holds pickled
+    code (never run: weights_only) or was not written by ``multidiff train``."""
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ConfigError(f"resume={path}: the file is empty (an interrupted copy?); {RESUME_HINT}")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"resume={path} is not a checkpoint written by torch.save (not a zip archive: truncated, "
+                          f"another format, or a plain pickle, which multidiff never unpickles); {RESUME_HINT}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any reason means the same to the user
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"resume={path} cannot be read as a checkpoint of plain tensors (weights_only=True: {reason}); "
+                          f"it is damaged or holds pickled code, which multidiff never runs; {RESUME_HINT}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "multidiff_config" not in ckpt:
+        raise ConfigError(f"resume={path} is not a multidiff training checkpoint (no state_dict and multidiff_config "
+                          f"inside; an exported model/ cannot be resumed); {RESUME_HINT}")
+    return ckpt["state_dict"]
+
+
+def check_resume_matches(path: str | Path, state: dict, module) -> None:
+    """One paragraph, naming the first differing key, when the checkpoint's model is not this run's."""
+    expected = module.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            problem = f"has no {key}"
+        elif tuple(state[key].shape) != tuple(value.shape):
+            problem = f"has {key} of shape {tuple(state[key].shape)} where this run's model has {tuple(value.shape)}"
+        else:
+            continue
+        break
+    else:
+        extra = next((k for k in state if k not in expected), None)
+        if extra is None:
+            return
+        problem = f"has {extra}, which this run's model does not"
+    raise ConfigError(f"resume={path} was written for another model: it {problem}. Resume with the settings it was "
+                      "trained with (its run directory's config.yaml) or start a new run_dir without resume")
+
+
 def run(cfg: DictConfig) -> Path:
     """Train and export; returns the run directory."""
     import lightning as L
@@ -234,11 +297,15 @@ def run(cfg: DictConfig) -> Path:
     run_dir = resolve_run_dir(cfg)
     cfg.run_dir = str(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_path = find_resume_checkpoint(cfg, run_dir)
+    resume_state = read_resume_checkpoint(ckpt_path) if ckpt_path else None  # a bad file costs no model load
     parts, module, datamodule, trainer = build(cfg, run_dir)
+    if ckpt_path:  # before config.yaml is rewritten: a refused checkpoint's run keeps its config
+        check_resume_matches(ckpt_path, resume_state, module)
+    del resume_state
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    ckpt_path = find_resume_checkpoint(cfg, run_dir)
     if trainer.is_global_zero:
         plan = batch_plan(cfg, OmegaConf.to_container(cfg.trainer, resolve=True))
         log.info("global batch %d (%d per device x %d processes x %d accumulation), lr %.3g%s",
@@ -254,8 +321,11 @@ def run(cfg: DictConfig) -> Path:
         return run_dir
     except NonFiniteLossError as e:
         raise TrainingStopped(str(e)) from None
-    # last.ckpt is the final state even when training stopped between periodic checkpoints
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    final = next(cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint))
+    if final.saved_at != trainer.global_step:
+        # stopped before its last batch (max_time, a callback's stop): keep the final state anyway.
+        # Resuming it continues training, but not on exactly the batches an uninterrupted run would see.
+        save_full_checkpoint(trainer, final.checkpoint_path)
     if trainer.is_global_zero:
         out = export_model(run_dir / "model", cfg, module.ema.backbone)
         log.info("exported model to %s", out)

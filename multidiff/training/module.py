@@ -182,8 +182,13 @@ class DiffusionModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, batch_size=1)
         return None  # Lightning skips backward and the optimizer step
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.denoiser, ema_decay(self.global_step, self.max_ema_decay))
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer.step(closure=optimizer_closure)
+        # The EMA follows each optimizer step here rather than in on_train_batch_end: callbacks'
+        # on_train_batch_end (periodic and final checkpoints) run before the module's, so a checkpoint
+        # written there would miss this step's update and a run resumed from it would drift.
+        # Lightning counts the step after this hook returns: this is step global_step + 1.
+        ema_update(self.ema, self.denoiser, ema_decay(self.global_step + 1, self.max_ema_decay))
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.denoiser.parameters())

@@ -66,6 +66,22 @@ def test_bad_grid_raises(name):
         SAMPLERS[name](gaussian_denoiser, x, torch.ones(2, 3))
 
 
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("grid", [[2.0, 1.0, 1.0, 0.0], [2.0, 3.0, 0.0], [1.0, 0.5, -0.1], [float("nan"), 1.0, 0.0]],
+                         ids=["repeated", "rising", "negative", "nan"])
+def test_a_grid_that_does_not_strictly_decrease_is_refused_before_any_step(name, grid):
+    # a repeated level used to end in ZeroDivisionError (log-sigma steps of length 0) after a step
+    calls = []
+
+    def denoiser(x, sigma, cond=None):
+        calls.append(sigma)
+        return gaussian_denoiser(x, sigma, cond)
+
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        SAMPLERS[name](denoiser, torch.randn(2, 3, 4), torch.tensor(grid), generator=_generator(name))
+    assert not calls
+
+
 # --- closed-form Gaussian data set --------------------------------------------------------------
 # Per sampler: (steps on the Karras grid, relative std tolerance). Measured relative std errors on
 # KarrasSchedule(0.002, 80): first order (euler, ddim, flow_euler) -1.0% at 300 steps (-6% at 50);

@@ -265,3 +265,21 @@ def test_vp_shift_moves_training_noise_up():
 def test_vp_shift_must_be_positive(shift):
     with pytest.raises(ValueError, match="shift"):
         VPSchedule(shift=shift)
+
+
+@pytest.mark.parametrize(
+    "schedule,limit",
+    [(VPSchedule(spacing="trailing"), 1000), (VPSchedule(spacing="leading"), 1000),
+     (VPSchedule(spacing="linspace"), 999), (VPSchedule(num_train_timesteps=50), 50),
+     (VPSchedule(spacing="karras"), None), (KarrasSchedule(), None), (FlowSchedule(shift=3.0), None)],
+    ids=["trailing", "leading", "linspace", "T50", "vp-karras", "karras", "flow"],
+)
+def test_every_schedule_states_its_step_limit_and_refuses_more(schedule, limit):
+    assert schedule.max_steps == limit
+    top = limit or 20_000  # continuous grids: far more steps than anyone samples with
+    grid = schedule.sigmas(top)
+    assert grid.shape == (top + 1,) and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
+    if limit is not None:
+        for steps in (limit + 1, 100_000):
+            with pytest.raises(ValueError, match=f"use steps <= {limit}"):
+                schedule.sigmas(steps)
