@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 USAGE = """usage: multidiff COMMAND [key=value ...] [--cfg]
@@ -74,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print_cfg = "--cfg" in args
     overrides = [a for a in args if a != "--cfg"]
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         from multidiff.cli.compose import compose
+        from multidiff.cli.terminal import setup
 
         cfg = compose(command, overrides)
+        setup(verbose=bool(cfg.get("verbose", False)))
         if command == "train":
             recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
             cfg.recipe_name = recipe

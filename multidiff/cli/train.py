@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -76,14 +75,6 @@ def _validate(cfg: DictConfig) -> None:
             f"training.slice_items={sliced!r} is invalid: it must be a whole number from 0 (off) to data.batch_size - 1 "
             f"({batch - 1}); it says how many of each batch's {batch} items train on one slice (e.g. one frame of a clip)"
         )
-
-
-# Lightning warnings that do not apply to multidiff runs and would only alarm users:
-# - the batch sampler *is* resumable (ResumableBatchSampler restarts mid-epoch from the loop's
-#   own counters), Lightning just cannot tell;
-# - the frozen text encoder is in eval mode on purpose.
-warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def _check_slicing(cfg: DictConfig, adapter) -> None:
@@ -171,6 +162,10 @@ def build(cfg: DictConfig, run_dir: Path):
             save_last=False,  # LastCheckpoint keeps last.ckpt, written inside the loop (see there)
         )
     )
+    if trainer_kwargs.get("enable_progress_bar", True):
+        from multidiff.training.callbacks import StepProgressBar
+
+        callbacks.append(StepProgressBar())
     logger = make(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
     try:
         trainer = L.Trainer(

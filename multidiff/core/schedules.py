@@ -200,4 +200,3 @@ def _check_steps(steps: int, max_steps: int | None = None, table: str = "") -> N
             f"this model's schedule has {max_steps} distinct noise levels ({table}): "
             f"use steps <= {max_steps}; more steps would repeat noise levels and gain nothing"
         )
-

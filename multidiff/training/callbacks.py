@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from multidiff.pipeline import sample_prompts
 
@@ -69,3 +70,35 @@ class SamplePreviews(L.Callback):
             self.adapter.log_preview(logger, grid, trainer.global_step)
             self.adapter.log_media(logger, raws, flat, trainer.global_step, self.run_dir / "samples")
         return out
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar for the whole run: optimizer steps out of the run's total (``max_steps``, or what
+    ``max_epochs`` implies), continuing from the resumed step.
+
+    Lightning's default bar counts batches within each epoch and titles itself ``Epoch N/M`` with
+    ``M = max_epochs - 1``, which reads ``Epoch 1/-2`` for a run that trains by ``max_steps``.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        total = trainer.estimated_stepping_batches
+        bar = self.train_progress_bar
+        bar.reset(total=int(total) if total != float("inf") else None)
+        bar.n = trainer.global_step
+        bar.set_description("training")
+        bar.refresh()
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # one bar for the run, not one per epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is not None and not bar.disable and (step % self.refresh_rate == 0 or step == bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+        if bar is not None and step == bar.total:
+            bar.close()  # the last step: Lightning's closing message goes on a line of its own
