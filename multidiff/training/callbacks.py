@@ -97,8 +97,10 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         bar, step = self.train_progress_bar, trainer.global_step
-        if bar is not None and not bar.disable and (step % self.refresh_rate == 0 or step == bar.total):
+        if bar is None or bar.disable:
+            return
+        if step % self.refresh_rate == 0 or step == bar.total:
             bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
-        if bar is not None and step == bar.total:
+        if step == bar.total:
             bar.close()  # the last step: Lightning's closing message goes on a line of its own
