@@ -5,7 +5,7 @@
 
 For prompts over the whole pitch range (every note A3..A5 for each of the five families), the
 fundamental of each generated WAV is estimated by a YIN pitch tracker on the waveform
-(:func:`multidiff.datasets.notes.estimate_f0`; independent of the mel analysis and the vocoder)
+(:func:`multidiff.evaluation.audio.estimate_f0`; independent of the mel analysis and the vocoder)
 and compared with the prompted note: a sample is in tune within 50 cents. The family is judged by
 two classifiers trained only on real synthesized notes (logistic regression, same 70/30 split):
 ``family_acc`` on tracked-harmonic features (harmonic profile early and late in the note, loudness
@@ -35,13 +35,12 @@ from common import write_results  # noqa: E402
 from multidiff.datasets.notes import (  # noqa: E402
     FAMILIES,
     NoteSpec,
-    cents,
-    estimate_f0,
     note_caption,
     note_frequency,
     note_specs,
     synthesize,
 )
+from multidiff.evaluation.audio import cents, estimate_f0  # noqa: E402
 
 SR = 16000
 TOLERANCE_CENTS = 50.0

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,19 @@ class GenerationError(ValueError):
 
 
 @dataclass
+class GenerationRecord:
+    """How samples were made: what :meth:`Pipeline.generate` attaches to its result as ``.generation``."""
+
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    sampler: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
 class ModelParts:
     adapter: object
     denoiser: Denoiser
@@ -68,7 +81,7 @@ def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None, tr
     trusted = trusted_prefixes(cfg) if trusted is None else tuple(trusted)
     make = lambda node, **kw: safe_instantiate(node, trusted=trusted, source=source, **kw)  # noqa: E731
     adapter = make(cfg.modality)
-    backbone = make(cfg.backbone)
+    backbone = make(cfg.backbone, shape=tuple(adapter.shape))  # the shape flows down from the adapter
     schedule = make(cfg.diffusion.schedule)
     param = make(cfg.diffusion.parameterization)
     prior = cfg.diffusion.get("noise_prior")
@@ -107,7 +120,7 @@ def _read_model(path: Path) -> tuple[DictConfig, callable]:
         info = json.loads(marker.read_text())
         if info.get("format") != FORMAT:
             raise ModelLoadError(f"{marker} does not describe a multidiff model (format={info.get('format')!r})")
-        cfg = OmegaConf.load(path / "config.yaml")
+        cfg = _upgrade(OmegaConf.load(path / "config.yaml"))
         return cfg, lambda parts: parts.denoiser.backbone.load_pretrained(path / "backbone")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -118,7 +131,7 @@ def _read_model(path: Path) -> tuple[DictConfig, callable]:
         ) from e
     if not isinstance(ckpt, dict) or "multidiff_config" not in ckpt:
         raise ModelLoadError(f"{path} is not a multidiff checkpoint (no multidiff_config inside)")
-    cfg = OmegaConf.create(ckpt["multidiff_config"])
+    cfg = _upgrade(OmegaConf.create(ckpt["multidiff_config"]))
 
     def load(parts: ModelParts) -> None:
         prefix = "ema.backbone."
@@ -126,6 +139,21 @@ def _read_model(path: Path) -> tuple[DictConfig, callable]:
         parts.denoiser.backbone.load_state_dict(state)
 
     return cfg, load
+
+
+def read_model_config(path: str | Path) -> DictConfig:
+    """The model config of an exported directory or a ``.ckpt`` (nothing is built)."""
+    return _read_model(Path(path))[0]
+
+
+def _upgrade(cfg: DictConfig) -> DictConfig:
+    """A model config written before the shape flowed from the adapter (backbone keys renamed, sizes
+    interpolated from the modality) in today's form; today's configs pass unchanged."""
+    from multidiff.backbones.base import upgrade_backbone_config
+
+    if "backbone" in cfg:
+        cfg.backbone = OmegaConf.create(upgrade_backbone_config(OmegaConf.to_container(cfg.backbone, resolve=True)))
+    return cfg
 
 
 class Pipeline:
@@ -141,7 +169,6 @@ class Pipeline:
         apply_performance_options(self.denoiser.backbone, channels_last=channels_last, compile=compile,
                                   compile_options=compile_options)
         self.conditioner.to(self.device)
-        self._last: dict | None = None
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | None = None, trusted_targets=(), **performance) -> Pipeline:
@@ -151,10 +178,6 @@ class Pipeline:
         :func:`multidiff.performance.apply_performance_options`)."""
         path = Path(path)
         cfg, load_weights = _read_model(path)
-        if OmegaConf.select(cfg, "backbone.init_from", default=None) is not None:
-            # init_from names weights to start *training* from (e.g. an image model to inflate);
-            # the trained weights loaded below replace them, so that file need not exist any more
-            cfg.backbone.init_from = None
         parts = build_parts(cfg, source=str(path), trusted=trusted_targets)
         load_weights(parts)
         return cls(parts, config=cfg, source=str(path), device=device, **performance)
@@ -177,13 +200,15 @@ class Pipeline:
         batch_size: int = 16,
         sigmas: Tensor | None = None,
         progress: bool = True,
-        **shape_options,
+        **options,
     ) -> Tensor:
         """Sample ``num_samples`` per prompt; returns decoded raw samples ``(N, *raw_shape)``.
 
         Sample ``k`` (prompt-major order) uses seed ``seed + k`` and is identical whatever
-        ``batch_size`` it is drawn in. ``shape_options`` (e.g. ``duration``, ``num_frames``) go to
-        the adapter's ``sample_shape``.
+        ``batch_size`` it is drawn in. ``options`` are the modality's generation options (the
+        adapter's :meth:`~multidiff.adapters.base.Adapter.generation_options`, e.g. a length).
+        The returned tensor carries a :class:`GenerationRecord` as ``.generation`` (prompts, seeds,
+        settings), which :meth:`save` writes to ``metadata.jsonl``.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         fn, default_name = self._sampler(sampler)
@@ -191,8 +216,9 @@ class Pipeline:
         _check_options(prompts, num_samples, steps, guidance_scale, batch_size)
         sigmas = self._grid(steps, sigmas)
         try:
-            shape = tuple(self.adapter.sample_shape(**shape_options))
-        except ValueError as e:  # the adapter rejects a length option (num_frames=, duration=, ...)
+            options = self.adapter.read_options(options)
+            shape = tuple(self.adapter.sample_shape(**options))
+        except ValueError as e:  # the adapter rejects an option (unknown name, bad value)
             raise GenerationError(str(e)) from None
         flat = [p for p in prompts for _ in range(num_samples)]
         seeds = [seed + k for k in range(len(flat))]
@@ -203,14 +229,12 @@ class Pipeline:
             x0 = self.sample_tensors(
                 chunk, chunk_seeds, shape, fn, sigmas, guidance_scale, negative_prompt, callback=bar
             )
-            outputs.extend(self._decode(x, shape_options).cpu() for x in x0)
+            outputs.extend(self.adapter.fit_length(self.adapter.decode(x), **options).cpu() for x in x0)
         if bar is not None:
             bar.close()
         samples = torch.stack(outputs)
-        self._last = {
-            "id": id(samples), "prompts": flat, "seeds": seeds, "sampler": sampler_name, "steps": steps,
-            "guidance_scale": guidance_scale, "negative_prompt": negative_prompt, "options": shape_options,
-        }
+        samples.generation = GenerationRecord(flat, seeds, sampler_name, steps, guidance_scale, negative_prompt,
+                                              {k: v for k, v in options.items() if v is not None})
         return samples
 
     def sample_tensors(self, prompts, seeds, shape, fn, sigmas, guidance_scale, negative_prompt=None, callback=None):
@@ -219,13 +243,6 @@ class Pipeline:
             self.denoiser, self.conditioner, prompts, seeds, shape, fn, sigmas,
             guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=self.device, callback=callback,
         )
-
-    def _decode(self, x0: Tensor, options: dict) -> Tensor:
-        """One model tensor to a raw sample; an adapter whose raw length is finer than its model
-        tensor's (audio: samples vs. frames) trims it to the request with ``fit_length``."""
-        raw = self.adapter.decode(x0)
-        fit = getattr(self.adapter, "fit_length", None)
-        return fit(raw, **options) if fit is not None and options else raw
 
     def _grid(self, steps: int, sigmas: Tensor | None) -> Tensor:
         """The schedule's grid for ``steps`` (or the caller's ``sigmas``), checked before any sampling."""
@@ -246,11 +263,14 @@ class Pipeline:
         return SAMPLERS[sampler], sampler
 
     def save(self, samples: Tensor, out: str | Path, *, overwrite: bool = False, model: str | None = None,
-             prompts: list[str] | None = None, seeds: list[int] | None = None, **extra) -> list[Path]:
+             prompts: list[str] | None = None, seeds: list[int] | None = None, format: str | None = None,
+             **extra) -> list[Path]:
         """Write each sample with the adapter's writer (``0000.png``, ...) and ``metadata.jsonl``.
 
-        Prompts, seeds and sampler settings default to those of the ``generate`` call that made
-        ``samples``. Refuses an ``out`` directory that already holds results unless ``overwrite``.
+        Prompts, seeds, sampler settings and generation options come from ``samples.generation``
+        (set by :meth:`generate`) unless given. ``format`` picks one of the adapter's
+        :attr:`~multidiff.adapters.base.Adapter.formats` (e.g. ``"gif"``). Refuses an ``out``
+        directory that already holds results unless ``overwrite``.
         """
         out = Path(out)
         meta_path = out / "metadata.jsonl"
@@ -259,28 +279,27 @@ class Pipeline:
                 f"output directory {out} already holds results (metadata.jsonl); choose another out= "
                 "or pass overwrite=true to replace them"
             )
-        last = self._last if self._last and self._last["id"] == id(samples) else {}
-        prompts = prompts or last.get("prompts") or [""] * len(samples)
-        seeds = seeds or last.get("seeds") or [None] * len(samples)
+        record = getattr(samples, "generation", None) or GenerationRecord()
+        prompts = prompts or record.prompts or [""] * len(samples)
+        seeds = seeds or record.seeds or [None] * len(samples)
         if len(prompts) != len(samples) or len(seeds) != len(samples):
             raise GenerationError(f"{len(samples)} samples but {len(prompts)} prompts and {len(seeds)} seeds")
+        try:
+            suffix = self.adapter.check_format(format) if format else self.adapter.suffix
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
         out.mkdir(parents=True, exist_ok=True)
-        options = last.get("options", {})
-        extra_meta = self.adapter.metadata(**options)
-        suffix = extra.pop("suffix", None) or self.adapter.suffix
-        # writer settings that follow from generation options (e.g. a video's playback fps)
-        save_options = getattr(self.adapter, "save_options", None)
-        writer_kwargs = save_options(**options) if save_options is not None else {}
+        extra_meta = self.adapter.metadata(**record.options)
+        writer_kwargs = self.adapter.save_options(**record.options)
         paths, rows = [], []
         for k, (raw, prompt, s) in enumerate(zip(samples, prompts, seeds)):
             path = out / f"{k:04d}{suffix}"
             self.adapter.save(raw, path, **writer_kwargs)
             paths.append(path)
             rows.append({
-                "file": path.name, "prompt": prompt, "seed": s, "sampler": last.get("sampler"),
-                "steps": last.get("steps"), "guidance_scale": last.get("guidance_scale"),
-                "negative_prompt": last.get("negative_prompt"), "model": model or self.source,
-                **extra_meta, **extra,
+                "file": path.name, "prompt": prompt, "seed": s, "sampler": record.sampler, "steps": record.steps,
+                "guidance_scale": record.guidance_scale, "negative_prompt": record.negative_prompt,
+                "model": model or self.source, **extra_meta, **extra,
             })
         tmp = meta_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

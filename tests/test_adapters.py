@@ -1,16 +1,13 @@
-"""Image adapter round trips, folder datasets with captions, and the embedded digits."""
+"""Image adapter round trips and folder datasets with captions (the embedded digits: test_datasets.py)."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from multidiff.adapters.image import ImageAdapter
-from multidiff.datasets.digits import TEMPLATES, digits_dataset, materialize_digits
 from multidiff.datasets.folder import CaptionFolder, DatasetError
 
 
@@ -98,23 +95,3 @@ def test_corrupt_files_fail_or_skip(tmp_path, caplog):
     ds = CaptionFolder(tmp_path, a, on_error="skip")
     assert len(ds) == 2 and ds.skipped == [str(tmp_path / "bad.png")]
     assert "skipped 1 unreadable" in caplog.text
-
-
-def test_digits_materialize_deterministically(tmp_path):
-    a = materialize_digits(tmp_path / "a", size=16)
-    b = materialize_digits(tmp_path / "b", size=16)
-    meta_a, meta_b = (a / "metadata.jsonl").read_text(), (b / "metadata.jsonl").read_text()
-    assert meta_a == meta_b
-    rows = [json.loads(x) for x in meta_a.splitlines()]
-    assert len(rows) == 1797
-    assert (a / "0000.png").read_bytes() == (b / "0000.png").read_bytes()
-    with Image.open(a / "0000.png") as im:
-        assert im.size == (16, 16)
-    # every digit is described with several paraphrases, each naming the digit
-    used = {r["text"] for r in rows if r["label"] == 7}
-    assert len(used) >= len(TEMPLATES) - 1
-    assert all("seven" in t or "7" in t for t in used)
-    ds = digits_dataset(tmp_path / "a", size=16)
-    x = torch.stack([ds[i]["x"] for i in range(50)])
-    assert x.shape == (50, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
-    assert float(np.mean(x.numpy() > 0)) > 0.1  # ink, not a blank page

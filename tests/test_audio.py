@@ -1,9 +1,9 @@
 """Audio adapter: file I/O in every format, resampling, mel <-> Griffin-Lim round trips that keep
-pitch, durations, vocoders, logging, the embedded notes and the backbone's pad-and-crop."""
+pitch, durations, vocoders, logging and the pitch tracker
+(the backbone's pad-and-crop: test_backbones.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -16,18 +16,8 @@ from multidiff.adapters.vocoders import GriffinLimVocoder, ModuleVocoder, Vocode
 from multidiff.cli.compose import compose
 from multidiff.configuration import UnsafeConfigError, safe_instantiate
 from multidiff.datasets.folder import CaptionFolder, DatasetError
-from multidiff.datasets.notes import (
-    FAMILIES,
-    TEMPLATES,
-    NoteSpec,
-    cents,
-    estimate_f0,
-    materialize_notes,
-    note_frequency,
-    note_midi,
-    note_name,
-    synthesize,
-)
+from multidiff.datasets.notes import FAMILIES, NoteSpec, synthesize
+from multidiff.evaluation.audio import cents, estimate_f0
 
 SR = 16000
 
@@ -286,128 +276,10 @@ def test_preview_and_log_media_to_tensorboard_and_files(adapter, tmp_path):
     assert len(events.Tags()["audio"]) == 2
 
 
-# -- notes --------------------------------------------------------------------------------------
-
-
-def test_note_names_round_trip():
-    assert note_name(69) == "A4" and note_name(61) == "C#4" and note_midi("C#4") == 61 and note_midi("A5") == 81
-    assert all(note_midi(note_name(m)) == m for m in range(40, 100))
-    assert math.isclose(note_frequency(81), 880.0)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_synthesized_notes_are_in_tune(family):
-    for midi in (57, 64, 69, 76, 81):
-        wave = synthesize(NoteSpec(family, midi, 3))
-        assert wave.dtype == np.float32 and wave.shape == (16384,) and 0.3 < np.abs(wave).max() <= 0.8
-        assert abs(cents(estimate_f0(wave, SR), note_frequency(midi))) < 10
+# -- pitch tracker (multidiff.evaluation.audio; the notes are tested in test_datasets.py) ----------
 
 
 def test_pitch_tracker_on_silence_and_octaves():
     assert math.isnan(estimate_f0(np.zeros(8000), SR))
     for f0 in (110.0, 1000.0, 1500.0):
         assert abs(cents(estimate_f0(tone(f0, harmonics=6), SR), f0)) < 10
-
-
-def test_notes_materialize_deterministically(data_root, tmp_path):
-    a = materialize_notes(data_root)
-    b = materialize_notes(tmp_path / "b", low="A3", high="A5", variants=8)
-    assert a.name == b.name
-    meta_a, meta_b = (a / "metadata.jsonl").read_text(), (b / "metadata.jsonl").read_text()
-    assert meta_a == meta_b
-    assert (a / "0123.wav").read_bytes() == (b / "0123.wav").read_bytes()
-    rows = [json.loads(x) for x in meta_a.splitlines()]
-    assert len(rows) == 5 * 25 * 8
-    assert {r["family"] for r in rows} == set(FAMILIES)
-    assert {r["midi"] for r in rows} == set(range(57, 82))  # A3..A5: two octaves
-    info = sf.info(str(a / rows[0]["file_name"]))
-    assert (info.samplerate, info.frames, info.subtype) == (SR, 16384, "PCM_16")
-    for family in FAMILIES:  # paraphrased captions, each naming the note
-        used = {r["text"] for r in rows if r["family"] == family and r["note"] == "C#4"}
-        assert len(used) >= 4 and all("C#4" in t for t in used)
-        assert used <= {t.format(n="C#4") for t in TEMPLATES[family]}
-
-
-def test_notes_config_builds_the_dataset(data_root):
-    cfg = compose("train", ["recipe=audio_notes", f"data_root={data_root}"])
-    adapter = safe_instantiate(cfg.modality)
-    ds = safe_instantiate(cfg.data.dataset, adapter=adapter)
-    assert len(ds) == 1000
-    item = ds[0]
-    assert item["x"].shape == adapter.shape and "A3" in item["text"]
-
-
-# -- backbone pad-and-crop ------------------------------------------------------------------------
-
-
-def test_unet_pads_sizes_that_do_not_divide_and_keeps_others_identical():
-    from multidiff.backbones.unet import UNet2DCond
-    from multidiff.core.cond import Cond
-
-    torch.manual_seed(0)
-    net = UNet2DCond(sample_size=16, in_channels=1, block_out_channels=(8, 16, 16),
-                     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=8,
-                     norm_num_groups=8).eval()
-    assert net.size_multiple == 4
-    cond = Cond(tokens=torch.randn(2, 3, 8), mask=torch.ones(2, 3, dtype=torch.bool))
-    c = torch.tensor([0.3, 0.7])
-    with torch.no_grad():
-        x = torch.randn(2, 1, 16, 16)
-        raw = net.unet(x, c, encoder_hidden_states=cond.tokens, encoder_attention_mask=cond.mask.float(),
-                       return_dict=False)[0]
-        torch.testing.assert_close(net(x, c, cond), raw)  # divisible: exactly the plain UNet
-        for h, w in [(16, 13), (15, 1), (5, 7)]:
-            assert net(torch.randn(2, 1, h, w), c, cond).shape == (2, 1, h, w)
-        # an odd size runs the UNet on the padded input and crops: the same as padding by hand
-        odd = torch.randn(2, 1, 16, 13)
-        padded = torch.nn.functional.pad(odd, (0, 3, 0, 0), mode="reflect")
-        torch.testing.assert_close(net(odd, c, cond), net(padded, c, cond)[..., :13])
-
-
-def test_unet_pooled_cond_reaches_the_output_and_survives_save_load(tmp_path):
-    """``pooled_cond=True``: ``cond.pooled`` joins the timestep embedding (a missing one is the zero
-    vector), the weights round-trip through save/load_pretrained."""
-    from multidiff.backbones.unet import UNet2DCond
-    from multidiff.core.cond import Cond
-
-    torch.manual_seed(0)
-    kw = dict(sample_size=8, in_channels=1, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, norm_num_groups=8, pooled_cond=True)
-    net = UNet2DCond(**kw).eval()
-    tokens, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
-    x, c = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.7])
-    with torch.no_grad():
-        a = net(x, c, Cond(tokens=tokens, mask=mask, pooled=torch.randn(2, 8)))
-        b = net(x, c, Cond(tokens=tokens, mask=mask, pooled=torch.randn(2, 8)))
-        zero = net(x, c, Cond(tokens=tokens, mask=mask, pooled=torch.zeros(2, 8)))
-        torch.testing.assert_close(net(x, c, Cond(tokens=tokens, mask=mask)), zero)
-        assert (a - b).abs().max() > 1e-4  # the pooled vector changes the prediction
-        net.save_pretrained(tmp_path)
-        other = UNet2DCond(**kw).eval()
-        other.load_pretrained(tmp_path)
-        torch.testing.assert_close(other(x, c, Cond(tokens=tokens, mask=mask, pooled=torch.ones(2, 8))),
-                                   net(x, c, Cond(tokens=tokens, mask=mask, pooled=torch.ones(2, 8))))
-
-
-def test_unet_coord_axes_give_absolute_position():
-    """``coord_axes=[0]``: the inner UNet receives a row-coordinate channel (-1 at the top row,
-    1 at the bottom; the mel bin on a spectrogram), beside the input; bad axes are refused."""
-    from multidiff.backbones.unet import UNet2DCond
-
-    torch.manual_seed(0)
-    kw = dict(sample_size=16, in_channels=1, block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
-              up_block_types=("UpBlock2D", "UpBlock2D"), cross_attention_dim=8, norm_num_groups=8)
-    net = UNet2DCond(**kw, coord_axes=[0]).eval()
-    assert net.unet.config.in_channels == 2 and net.unet.config.out_channels == 1
-    seen = []
-    net.unet.conv_in.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
-    x = torch.randn(3, 1, 16, 12)
-    with torch.no_grad():
-        assert net(x, torch.full((3,), 0.5), None).shape == (3, 1, 16, 12)
-        torch.testing.assert_close(seen[0][:, :1], x)
-        torch.testing.assert_close(seen[0][:, 1], torch.linspace(-1, 1, 16)[:, None].expand(3, 16, 12))
-        assert net(torch.zeros(1, 1, 13, 7), torch.tensor([0.5]), None).shape == (1, 1, 13, 7)  # odd sizes pad
-    for bad in ([2], [0, 0]):
-        with pytest.raises(ValueError, match="coord_axes"):
-            UNet2DCond(**kw, coord_axes=bad)

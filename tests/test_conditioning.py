@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,6 +64,43 @@ def test_local_directory_and_sha_check(tmp_path):
         TextConditioner(str(local), sha256="0" * 64)
     with pytest.raises(ConditioningError, match="does not exist"):
         TextConditioner(str(tmp_path / "nope"))
+
+
+def test_constructing_the_default_encoder_leaves_the_environment_alone(text, monkeypatch):
+    """No process-wide switch (HF_HUB_OFFLINE used to be set here) for loading local weights.
+    ``text`` was built first, so lazy imports that set variables of their own have happened."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # conftest sets it for the whole session
+    before = dict(os.environ)
+    TextConditioner(max_length=8)
+    assert dict(os.environ) == before
+
+
+def test_default_encoder_loads_without_network_or_offline_switch():
+    """A fresh process without HF_HUB_OFFLINE, every socket connection refused: the packaged
+    encoder (a local directory) still loads, and the environment is what it was."""
+    code = """
+import os, socket
+def refuse(self, address):
+    raise AssertionError(f"network access to {address}")
+socket.socket.connect = refuse
+from transformers import AutoModel  # import-time variables (torch's compile cache) are not ours
+import torch._dynamo  # noqa: F401
+from multidiff.conditioning.text import TextConditioner
+before = dict(os.environ)
+TextConditioner(max_length=8).encode(["a cat"])
+assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_unloadable_hub_name_fails_with_one_paragraph_naming_the_key():
+    with pytest.raises(ConditioningError) as info:  # offline in tests (conftest): the hub cannot answer
+        TextConditioner("multidiff-tests/no-such-encoder")
+    message = str(info.value)
+    assert "conditioning.encoder.encoder" in message and "local transformers model directory" in message
+    assert "\n" not in message
 
 
 def test_labels_and_dropout():

@@ -27,6 +27,14 @@ def test_every_group_has_options_and_every_file_is_covered():
     assert {"modality", "backbone", "diffusion", "sampler", "conditioning", "data", "trainer", "callbacks", "logger"} <= set(GROUPS)
 
 
+# Embedded data options: (their modality, small settings for a quick build, items then)
+EMBEDDED_DATA = {
+    "digits": ("image", {}, 1797),
+    "notes": ("audio", {"low": "A4", "high": "A4", "variants": 1}, 5),
+    "moving_digits": ("video", {"num_digits": 2}, 8),
+}
+
+
 def _build_model(cfg):
     from multidiff.pipeline import build_parts
 
@@ -37,7 +45,8 @@ def _build_model(cfg):
 @pytest.mark.parametrize(("group", "name"), sorted(options()))
 def test_group_option_composes_and_instantiates(group, name, tmp_path):
     config = "generate" if group == "sampler" else "train"
-    overrides = [f"{group}={name}"] + ([] if config == "generate" else TINY)
+    # Hydra keeps the last override of a group: TINY's backbone=unet2d_tiny must not replace the one under test
+    overrides = [f"{group}={name}"] + ([] if config == "generate" else [o for o in TINY if not o.startswith(f"{group}=")])
     if group == "data" and name == "folder":
         overrides.append(f"data.dataset.root={tmp_path}")
     if config == "generate":
@@ -48,9 +57,22 @@ def test_group_option_composes_and_instantiates(group, name, tmp_path):
     cfg = compose("train", overrides)
     OmegaConf.resolve(cfg)
     node = cfg[group]
-    if group in ("modality", "backbone", "logger"):
+    if group in ("modality", "logger"):
         obj = safe_instantiate(node, **({"save_dir": str(tmp_path)} if group == "logger" else {}))
         assert obj is not None
+    elif group == "backbone":  # the named file's class, built for each rank it takes as the model builder builds it
+        import torch
+        from hydra.utils import get_class
+
+        file = OmegaConf.load(ROOT / "conf" / "backbone" / f"{name}.yaml")
+        assert node._target_ == file._target_ and set(node) == set(file)
+        cls = get_class(node._target_)
+        for shape in [{1: (2, 24), 2: (1, 16, 12), 3: (1, 3, 8, 8)}[rank] for rank in cls.ranks]:
+            net = safe_instantiate(node, shape=shape)
+            assert type(net) is cls and net.shape == shape
+            x = torch.randn(2, *shape)
+            with torch.no_grad():
+                assert net(x, torch.tensor([1.0, 500.0]), None).shape == x.shape
     elif group == "diffusion":
         for key in ("schedule", "parameterization", "noise"):
             assert safe_instantiate(node[key]) is not None
@@ -58,11 +80,12 @@ def test_group_option_composes_and_instantiates(group, name, tmp_path):
     elif group == "conditioning":
         enc = safe_instantiate(node.encoder)
         assert len(enc.null(2)) == 2
-    elif group == "data" and name == "digits":
-        from multidiff.adapters.image import ImageAdapter
-
-        ds = safe_instantiate(node.dataset, root=str(tmp_path), adapter=ImageAdapter(size=cfg.modality.size))
-        assert len(ds) == 1797
+    elif group == "data" and name in EMBEDDED_DATA:
+        # the dataset takes its shape from the adapter of its modality, as the training builder passes it
+        modality, small, count = EMBEDDED_DATA[name]
+        adapter = safe_instantiate(compose("train", [f"modality={modality}"]).modality)
+        ds = safe_instantiate(node.dataset, root=str(tmp_path), adapter=adapter, **small)
+        assert len(ds) == count and ds[0]["x"].shape == tuple(adapter.shape)
     elif group == "data":
         assert node.dataset._target_.startswith("multidiff.")
     elif group == "trainer":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multidiff.backbones.convunet import ConvUNet, sinusoidal_embedding
+from multidiff.backbones.base import BackboneShapeError
+from multidiff.backbones.conditioning import sinusoidal_embedding
+from multidiff.backbones.convunet import ConvUNet
 from multidiff.core.cond import Cond
 from multidiff.core.denoiser import Denoiser, EDMPrecond, FlowVelocity, VPrediction
 from multidiff.core.noise import PerSampleGenerator
@@ -28,7 +30,7 @@ def _single_thread():
 
 def make(dims: int, **kw) -> ConvUNet:
     torch.manual_seed(0)
-    opts = dict(dims=dims, in_channels=SHAPES[dims][1], channels=(8, 16, 16), cross_attention_dim=CTX, num_heads=2,
+    opts = dict(shape=SHAPES[dims][1:], channels=(8, 16, 16), cross_attention_dim=CTX, num_heads=2,
                 pooled_dim=CTX, norm_groups=4)
     return ConvUNet(**{**opts, **kw}).eval()
 
@@ -96,12 +98,13 @@ def test_attention_only_at_the_requested_levels():
 
 def test_wrong_rank_and_width_are_explained():
     net = make(1)
-    with pytest.raises(ValueError, match=r"dims=1.*rank 3.*backbone.dims"):
+    assert net.dims == 1 and net.in_channels == 3 and net.out_channels == 3  # from the shape (3, 37)
+    with pytest.raises(BackboneShapeError, match=r"built for items of shape \(3, 37\).*got a batch of shape \(2, 3, 8, 8\)"):
         net(torch.randn(2, 3, 8, 8), torch.zeros(2), None)
     with pytest.raises(ValueError, match="cross_attention_dim"):
         net(torch.randn(2, 3, 16), torch.zeros(2), Cond(tokens=torch.randn(2, 4, CTX + 1)))
-    with pytest.raises(ValueError, match="dims must be 1, 2 or 3"):
-        ConvUNet(dims=4)
+    with pytest.raises(BackboneShapeError, match="takes items of rank 1 or 2 or 3 only"):
+        ConvUNet(shape=(1, 4, 4, 4, 4))
 
 
 def test_sinusoidal_embedding_is_bounded_and_distinct():

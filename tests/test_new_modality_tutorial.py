@@ -52,5 +52,11 @@ def test_tutorial_commands_run_as_written(tmp_path):
     assert all((tmp_path / "out" / "sines" / f"{k:04d}.png").is_file() for k in range(4))
     assert (tmp_path / "out" / "sines_csv" / "0001.csv").is_file() and (tmp_path / "out" / "sines_api" / "0001.npy").is_file()
     scores = json.loads(next(line for line in out.splitlines() if line.startswith('{"frequency_accuracy"')))
-    assert scores["samples"] == 4 and 0 <= scores["frequency_accuracy"] <= 1
+    # 20 steps train nothing measurable: the check is that the printed scores are the evaluator's
+    # for exactly these 4 files (the quality itself is measured by test_timeseries_example, slow)
+    sys.path.insert(0, str(ROOT / "examples" / "timeseries"))
+    from mdts.evaluate import evaluate
+
+    assert scores == evaluate(tmp_path / "out" / "sines") and scores["samples"] == 4
+    assert scores["frequency_accuracy"] * 4 == round(scores["frequency_accuracy"] * 4)
     assert not (tmp_path / "out" / "refused").exists()

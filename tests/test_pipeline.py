@@ -54,6 +54,31 @@ def test_save_writes_files_and_metadata(pipe, tmp_path):
         pipe.save(samples, tmp_path / "o")
 
 
+def test_the_generation_record_travels_with_the_samples_not_the_pipeline(tiny_run, pipe, tmp_path):
+    """save() reads what made the samples from the samples themselves: another generate in between,
+    or another Pipeline object, changes nothing; a new tensor (a slice) has no record."""
+    first = pipe.generate("the digit six", num_samples=2, seed=21, steps=2, progress=False)
+    pipe.generate("the digit nine", num_samples=1, seed=99, steps=3, progress=False)  # a later call
+    other = multidiff.load(tiny_run / "model", device="cpu")
+    other.save(first, tmp_path / "a")
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"], r["steps"]) for r in rows] == [("the digit six", 21, 2), ("the digit six", 22, 2)]
+    pipe.save(first[:1].clone(), tmp_path / "b", prompts=["given"], seeds=[5])
+    row = json.loads((tmp_path / "b" / "metadata.jsonl").read_text())
+    assert (row["prompt"], row["seed"], row["steps"]) == ("given", 5, None)
+
+
+def test_modality_options_are_checked_by_the_adapter(pipe, tmp_path):
+    """The image model declares no generation options: any is refused with its (empty) list."""
+    with pytest.raises(GenerationError, match=r"unknown generation option duration for this model \(ImageAdapter\); "
+                                              r"its options: none"):
+        pipe.generate("x", steps=2, progress=False, duration=1.0)
+    samples = pipe.generate("x", steps=2, progress=False)
+    with pytest.raises(GenerationError, match=r"format='gif' is invalid for this model \(ImageAdapter\): choose one of png"):
+        pipe.save(samples, tmp_path / "o", format="gif")
+    assert [p.name for p in pipe.save(samples, tmp_path / "o", format="jpg")] == ["0000.jpg"]
+
+
 def test_bad_generate_options(pipe):
     for kw, msg in [({"steps": 0}, "steps must be"), ({"num_samples": 0}, "num_samples must be"),
                     ({"steps": 100_000}, "use steps <= 1000"), ({"steps": 1001}, "use steps <= 1000"),

@@ -66,7 +66,7 @@ def test_adapter_preview_shape_and_generation_length():
     preview = adapter.preview(torch.sin(torch.linspace(0, 20, 128)).expand(2, -1))
     assert preview.shape == (3, 96, 256) and 0 <= preview.min() and preview.max() <= 1 and preview.min() < 0.5
     assert adapter.sample_shape() == (2, 128) and adapter.sample_shape(duration=3) == (2, 192)
-    assert adapter.metadata() == {"sample_rate": 64.0, "channels": 2}
+    assert adapter.metadata() == {"sample_rate": 64.0, "channels": 2, "length": 128}
 
 
 def test_load_refuses_other_files_clearly(tmp_path):
@@ -133,13 +133,13 @@ def test_recipe_and_groups_are_found_through_the_search_path_only():
     cfg = compose("train", ["recipe=timeseries_sines", *PLUGIN])
     assert cfg.modality._target_ == "mdts.adapter.TimeSeriesAdapter"
     assert cfg.data.dataset._target_ == "mdts.data.sines_dataset"
-    assert cfg.backbone._target_ == "multidiff.backbones.convunet.ConvUNet" and cfg.backbone.dims == 1
+    assert cfg.backbone._target_ == "multidiff.backbones.convunet.ConvUNet" and "dims" not in cfg.backbone
     assert list(cfg.trusted_targets) == ["mdts."]
     assert "timeseries_sines" in available("recipes", [EXAMPLE])
     assert "timeseries" in available("modality", [EXAMPLE]) and "timeseries" not in available("modality")
     # groups resolve one by one too, outside the recipe
     cfg = compose("train", ["modality=timeseries", "data=timeseries", "backbone=convunet1d", *PLUGIN])
-    assert cfg.modality.channels == cfg.backbone.in_channels == 2
+    assert cfg.modality.channels == 2 and "in_channels" not in cfg.backbone  # the shape comes from the adapter
 
 
 def test_recipe_builds_with_its_trust_and_is_refused_without(tmp_path):
@@ -193,22 +193,42 @@ def test_generate_needs_trust_on_the_command_line(tiny_ts_run, tmp_path):
     assert "trusted_targets=[mdts.] on the command line" in proc.stderr and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("fmt", "duration", "length"), [(None, None, 128), ("csv", 3, 192)])
-def test_generate_writes_series_plots_and_metadata(tiny_ts_run, tmp_path, fmt, duration, length):
+@pytest.mark.parametrize(("fmt", "option", "length"), [(None, None, 128), ("csv", "duration=3", 192), (None, "length=80", 80)])
+def test_generate_writes_series_plots_and_metadata(tiny_ts_run, tmp_path, fmt, option, length):
+    """``length=`` is the example's own generation option: the CLI passes it through without knowing it."""
     out = tmp_path / "out"
-    extra = ([f"format={fmt}"] if fmt else []) + ([f"duration={duration}"] if duration else [])
+    extra = ([f"format={fmt}"] if fmt else []) + ([option] if option else [])
     multidiff_cli("generate", f"model={tiny_ts_run / 'model'}", "trusted_targets=[mdts.]",
                   "prompt=a 3 Hz sine on channel 1 with rising amplitude", "num_samples=2", "steps=3", "seed=4",
                   f"out={out}", *extra, env=ENV)
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     suffix = f".{fmt or 'npy'}"
     assert [r["file"] for r in rows] == [f"0000{suffix}", f"0001{suffix}"] and [r["seed"] for r in rows] == [4, 5]
-    assert all(r["sample_rate"] == 64.0 and r["channels"] == 2 for r in rows)
+    assert all(r["sample_rate"] == 64.0 and r["channels"] == 2 and r["length"] == length for r in rows)
     adapter = TimeSeriesAdapter()
     for r in rows:
         series = adapter.load(out / r["file"])
         assert series.shape == (2, length) and torch.isfinite(series).all()
         assert (out / r["file"]).with_suffix(".png").is_file()
+
+
+def test_generate_help_lists_the_models_own_options_and_unknown_ones_are_refused(tiny_ts_run, tmp_path):
+    model = f"model={tiny_ts_run / 'model'}"
+    proc = multidiff_cli("generate", model, "trusted_targets=[mdts.]", "--help", env=ENV)
+    assert "generation options of" in proc.stdout and "(TimeSeriesAdapter), as name=value:" in proc.stdout
+    assert "length (int, default 128): samples per generated series" in proc.stdout
+    assert "duration (float, default from the model)" in proc.stdout and "format: one of npy, csv" in proc.stdout
+    proc = multidiff_cli("generate", model, "trusted_targets=[mdts.]", "prompt=a 3 Hz sine", "steps=2", "lenght=80",
+                         f"out={tmp_path / 'o'}", env=ENV, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+    assert "unknown generation option lenght for this model (TimeSeriesAdapter); its options: length (int" in proc.stderr
+    assert "generate's own keys: model, prompt" in proc.stderr
+    for bad, why in (("length=0", "length=0 is invalid: it must be a positive integer"),
+                     ("length=2.5", "length=2.5 is invalid: it must be an integer"),
+                     ("format=wav", "format='wav' is invalid for this model (TimeSeriesAdapter): choose one of npy, csv")):
+        proc = multidiff_cli("generate", model, "trusted_targets=[mdts.]", "prompt=a 3 Hz sine", "steps=2", bad,
+                             f"out={tmp_path / 'o'}", env=ENV, check=False)
+        assert proc.returncode == 2 and why in proc.stderr, (bad, proc.stderr)
 
 
 # --- quality of the example's default recipe --------------------------------------------------------

@@ -255,6 +255,20 @@ def test_torchrun_two_nodes_on_loopback(tmp_path, data_root):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_a_second_run_in_the_same_process_chooses_its_own_run_dir(tmp_path, data_root, monkeypatch):
+    """The run directory is pinned (MULTIDIFF_RUN_DIR) for the run's own workers only, not for the
+    next run of the same process (a notebook, a sweep)."""
+    from multidiff.cli.main import main
+
+    monkeypatch.delenv("MULTIDIFF_RUN_DIR", raising=False)
+    for name in ("first", "second"):
+        args = ["train", "recipe=image_digits", f"run_dir={tmp_path / name}", f"data_root={data_root}", *TINY,
+                "trainer.max_steps=1", "callbacks.samples.every_n_steps=0", "callbacks.samples.at_end=false"]
+        assert main(args) == 0
+        assert (tmp_path / name / "model" / "multidiff.json").is_file()
+        assert "MULTIDIFF_RUN_DIR" not in os.environ
+
+
 def test_global_batch_and_lr_scaling_are_explicit():
     from multidiff.cli.compose import compose
     from multidiff.cli.train import batch_plan

@@ -1,32 +1,19 @@
-"""Video: adapter round trips, MP4/WebM/GIF/frame-folder I/O, the moving_digits data and the 3-D backbone."""
+"""Video: adapter round trips, MP4/WebM/GIF/frame-folder I/O and joint image-video training (moving_digits:
+test_datasets.py; the 3-D backbone: test_backbones.py)."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from multidiff.adapters.video import VideoAdapter, VideoIOError, read_video, write_video
-from multidiff.backbones.unet import UNet2DCond
-from multidiff.backbones.unet3d import InflationError, UNet3DCond
+from multidiff.backbones.unet3d import UNet3DCond
 from multidiff.core.cond import Cond
 from multidiff.core.denoiser import Denoiser, VPrediction
-from multidiff.core.noise import PerSampleGenerator
-from multidiff.core.samplers import SAMPLERS
 from multidiff.core.schedules import VPSchedule
 from multidiff.datasets.folder import CaptionFolder, DatasetError
-from multidiff.datasets.moving_digits import (
-    DIRECTIONS,
-    TEMPLATES,
-    bounce_path,
-    first_half_steps,
-    materialize_moving_digits,
-    moving_caption,
-    moving_digits_dataset,
-    read_rows,
-)
 
 # --- adapter ----------------------------------------------------------------------------------
 
@@ -157,181 +144,19 @@ def test_caption_folder_of_videos_and_frame_folders(tmp_path):
     assert len(CaptionFolder(tmp_path, short, on_error="skip")) == 1
 
 
-# --- moving digits ----------------------------------------------------------------------------
-
-
-def test_bounce_path_reflects_at_both_edges():
-    assert bounce_path(2, -1, 5, 8) == [2, 1, 0, 1, 2, 3]
-    assert bounce_path(7, 2, 3, 8) == [7, 7, 5, 3]  # 9 -> 7 (reflected at 8)
-    assert first_half_steps(8) == 4 and first_half_steps(16) == 8
-
-
-def test_moving_digits_are_deterministic_and_true_to_their_captions(tmp_path):
-    kw = dict(num_digits=25, num_frames=8, canvas=16)
-    a, b = materialize_moving_digits(tmp_path / "a", **kw), materialize_moving_digits(tmp_path / "b", **kw)
-    assert (a / "metadata.jsonl").read_text() == (b / "metadata.jsonl").read_text()
-    assert (a / "clips" / "00007.gif").read_bytes() == (b / "clips" / "00007.gif").read_bytes()
-    rows = read_rows(a)
-    assert len(rows) == 25 * 4 and {r["direction"] for r in rows} == {"left", "right", "up", "down"}
-    assert moving_caption(3, "left") == "the digit 3 moving to the left"
-    assert len({r["text"].split(" moving")[0] for r in rows}) > len(TEMPLATES) // 2  # paraphrases are used
-    bounced = 0
-    for r in rows:
-        d, name = r["label"], ("zero one two three four five six seven eight nine").split()[r["label"]]
-        assert str(d) in r["text"].split() or name in r["text"].split()
-        dy, dx = DIRECTIONS[r["direction"]]
-        free = first_half_steps(8)
-        # the captioned direction holds for the first half of the clip; bounces may follow
-        assert all(r["ys"][t + 1] - r["ys"][t] == dy and r["xs"][t + 1] - r["xs"][t] == dx for t in range(free))
-        assert all(0 <= p <= 8 for p in r["ys"] + r["xs"])
-        bounced += any(r["xs"][t + 1] - r["xs"][t] == -dx != 0 or r["ys"][t + 1] - r["ys"][t] == -dy != 0
-                       for t in range(7))
-        assert r["ys"][0] is not None
-    assert 0 < bounced < len(rows)
-    # the pixels agree with the recorded trajectory: the digit's box is where the row says
-    clip, fps = read_video(a / rows[0]["file_name"], channels=1)
-    assert clip.shape == (1, 8, 16, 16) and fps == 8
-    for t in range(8):
-        y, x = rows[0]["ys"][t], rows[0]["xs"][t]
-        inside = clip[0, t, y : y + 8, x : x + 8].sum()
-        assert inside == pytest.approx(clip[0, t].sum().item(), rel=1e-6) and inside > 3
-
-
-def test_moving_digits_dataset_and_its_errors(tmp_path):
-    ds = moving_digits_dataset(tmp_path, num_digits=5, directions=("left", "up_right"))
-    assert len(ds) == 10
-    item = ds[1]
-    assert item["x"].shape == (1, 8, 16, 16) and item["x"].min() >= -1 and "up and to the right" in item["text"]
-    assert float(np.mean(item["x"].numpy() > -1)) > 0.05  # ink, not a blank clip
-    with pytest.raises(DatasetError, match="unknown moving_digits direction"):
-        moving_digits_dataset(tmp_path, num_digits=2, directions=("sideways",))
-    with pytest.raises(DatasetError, match="needs 16 frames but moving_digits clips have 8"):
-        moving_digits_dataset(tmp_path, num_digits=2, adapter=VideoAdapter(num_frames=16))
-    with pytest.raises(DatasetError, match="enlarge data.dataset.canvas"):
-        moving_digits_dataset(tmp_path, num_digits=2, canvas=10)
-
-
-# --- the 3-D backbone -------------------------------------------------------------------------
-
-TINY = dict(sample_size=8, in_channels=1, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=24,
-            norm_num_groups=8)
-TINY3D = dict(TINY, down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"),
-              up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"), attention_head_dim=4)
-
-
-def _cond(b: int = 2) -> Cond:
-    g = torch.Generator().manual_seed(1)
-    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]][:b]).bool()
-    tokens = torch.randn(b, 6, 24, generator=g) * mask[..., None]
-    return Cond(tokens=tokens, mask=mask, pooled=tokens.sum(1) / mask.sum(1, keepdim=True))
+# --- joint image-video training on the 3-D backbone (the backbone itself: test_backbones.py) ----
 
 
 @pytest.fixture(scope="module")
 def denoiser3d():
     torch.manual_seed(0)
-    backbone = UNet3DCond(**TINY3D, pooled_cond=True).eval()
+    backbone = UNet3DCond(shape=(1, 4, 8, 8), block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=24,
+                          norm_groups=8, down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"),
+                          up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"), head_dim=4, pooled_dim=24).eval()
     with torch.no_grad():  # move the zero-initialized temporal outputs off zero so time matters
         for p in backbone.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return Denoiser(backbone, VPrediction(VPSchedule(beta_schedule="cosine", spacing="trailing")))
-
-
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_3d_backbone_through_every_sampler(denoiser3d, name):
-    sched = denoiser3d.parameterization.schedule
-    sigmas = sched.sigmas(3)
-    gen = PerSampleGenerator([5, 6])
-    x = gen.randn((2, 1, 5, 8, 8)) * float(sigmas[0])
-    steps = []
-    out = SAMPLERS[name](denoiser3d, x, sigmas, cond=_cond(), generator=gen, callback=steps.append)
-    assert out.shape == (2, 1, 5, 8, 8) and torch.isfinite(out).all()
-    assert len(steps) == 3
-    # per-sample seeds: sample 1 alone equals sample 1 of the batch
-    gen1 = PerSampleGenerator([6])
-    alone = SAMPLERS[name](denoiser3d, gen1.randn((1, 1, 5, 8, 8)) * float(sigmas[0]), sigmas,
-                           cond=_cond().index(slice(1, 2)), generator=gen1)
-    torch.testing.assert_close(alone, out[1:], atol=2e-3, rtol=2e-3)  # batch of 1 vs 2: other BLAS paths
-
-
-def test_3d_backbone_masks_padding_any_length_and_labels():
-    torch.manual_seed(0)
-    net = UNet3DCond(**TINY3D, num_class_embeds=10).eval()
-    x, c = torch.randn(2, 1, 3, 8, 8), torch.tensor([10.0, 500.0])
-    cond = _cond()
-    with torch.no_grad():
-        y = net(x, c, cond)
-        loud = cond.tokens.clone()
-        loud[0, 3:] = 100.0  # padding positions of sample 0
-        assert torch.equal(net(x, c, Cond(tokens=loud, mask=cond.mask)), y)
-        assert net(torch.randn(1, 1, 7, 8, 8), c[:1], cond.index(slice(0, 1))).shape == (1, 1, 7, 8, 8)
-        with_labels = net(x, c, Cond(labels=torch.tensor([3, 10])))
-        assert with_labels.shape == x.shape and not torch.allclose(with_labels[0], net(x, c, Cond(labels=torch.tensor([4, 10])))[0])
-    with pytest.raises(ValueError, match=r"takes clips \(B, C, T, H, W\)"):
-        net(torch.randn(2, 1, 8, 8), c, cond)
-
-
-def test_inflated_video_model_starts_as_the_image_model_on_every_frame(tmp_path):
-    torch.manual_seed(0)
-    image = UNet2DCond(**TINY, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(4, 8)).eval()
-    with torch.no_grad():  # a "trained" image model: no zero-initialized layer stays zero
-        for p in image.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    image.save_pretrained(tmp_path / "backbone")
-    video = UNet3DCond(**TINY3D, init_from=str(tmp_path)).eval()  # RUN/model-style directory
-    b, t = 2, 5
-    x, c, cond = torch.randn(b, 1, t, 8, 8), torch.tensor([30.0, 700.0]), _cond()
-    with torch.no_grad():
-        y = video(x, c, cond)
-        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, 1, 8, 8)
-        per_frame = image(frames, c.repeat_interleave(t), cond.repeat_interleave(t))
-    torch.testing.assert_close(y, per_frame.reshape(b, t, 1, 8, 8).permute(0, 2, 1, 3, 4), atol=1e-5, rtol=1e-4)
-    assert y.abs().mean() > 0.1
-
-
-def test_inflation_refuses_a_different_layout(tmp_path):
-    other = UNet2DCond(**dict(TINY, block_out_channels=(16, 16)), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    other.save_pretrained(tmp_path)
-    with pytest.raises(InflationError, match="same block_out_channels.*init_from=null"):
-        UNet3DCond(**TINY3D, init_from=str(tmp_path))
-    with pytest.raises(InflationError, match="holds no image model weights"):
-        UNet3DCond(**TINY3D, init_from=str(tmp_path / "missing"))
-
-
-def test_3d_backbone_save_load_round_trip(tmp_path):
-    torch.manual_seed(0)
-    a = UNet3DCond(**TINY3D, num_class_embeds=3)
-    a.save_pretrained(tmp_path)
-    b = UNet3DCond(**TINY3D, num_class_embeds=3)
-    b.load_pretrained(tmp_path)
-    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(v, w), k
-
-
-def test_temporal_layers_start_as_identity_only_when_inflating():
-    """``zero_init_temporal=None``: random temporal layers from scratch (frames interact at once),
-    identity ones when asked (or when inflating, tested above)."""
-    from diffusers.models.resnet import TemporalConvLayer
-    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
-
-    def temporal_outputs(net):
-        mods = list(net.unet.modules())
-        convs = [m.conv4[-1].weight for m in mods if isinstance(m, TemporalConvLayer)]
-        attns = [m.proj_out.weight for m in mods if isinstance(m, TransformerTemporalModel)]
-        assert convs and attns
-        return [float(w.detach().abs().max()) for w in convs + attns]
-
-    assert min(temporal_outputs(UNet3DCond(**TINY3D))) > 0
-    assert max(temporal_outputs(UNet3DCond(**TINY3D, zero_init_temporal=True))) == 0
-    torch.manual_seed(0)
-    net = UNet3DCond(**TINY3D).eval()
-    clip = torch.randn(1, 1, 4, 16, 16)
-    with torch.no_grad():  # with random temporal layers, changing frame 0 changes the output at frame 3
-        a = net(clip, torch.tensor([0.5]), None)
-        clip[:, :, 0] += 1.0
-        b = net(clip, torch.tensor([0.5]), None)
-    assert (a[:, :, 3] - b[:, :, 3]).abs().max() > 1e-5
 
 
 def _joint_module(denoiser, slice_items: int, slice_sigma_scale: float = 1.0):
@@ -339,10 +164,11 @@ def _joint_module(denoiser, slice_items: int, slice_sigma_scale: float = 1.0):
 
     from multidiff.core.noise import DiscreteTimestepSigma
     from multidiff.training.module import DiffusionModule
+    from multidiff.training.options import TrainingOptions
 
     schedule = denoiser.parameterization.schedule
     return DiffusionModule(denoiser, DiscreteTimestepSigma(schedule), None, partial(torch.optim.AdamW, lr=1e-4),
-                           slice_items=slice_items, slice_sigma_scale=slice_sigma_scale)
+                           training=TrainingOptions(slice_items=slice_items, slice_sigma_scale=slice_sigma_scale))
 
 
 def _joint_inputs(b: int, frames: int = 4):
@@ -372,11 +198,11 @@ def test_joint_image_video_loss_trains_the_last_items_as_single_frames(denoiser3
                                                       noise[i : i + 1, :, f : f + 1], one) for f in range(4)])
             matches = torch.isclose(frame_losses, per_item[i], rtol=1e-5, atol=1e-7)
             assert matches.sum() == 1, (frame_losses, per_item[i])
-    with pytest.raises(ValueError, match=r"training.slice_dim=1 is not an axis of items of shape \(1,\)"):
+    with pytest.raises(ValueError, match=r"training.slice_dim=1 does not name an axis of this model's items \(1,\)"):
         module._sliced_loss(x0[:, :, 0, 0, 0], sigma, noise[:, :, 0, 0, 0], cond, torch.Generator(), 1, 0)
     with pytest.raises(ValueError, match="whole number"):
         _joint_module(denoiser3d, slice_items=-1)
-    with pytest.raises(ValueError, match="slice_sigma_scale must be a number > 0"):
+    with pytest.raises(ValueError, match="slice_sigma_scale=0 is invalid: it must be a number > 0"):
         _joint_module(denoiser3d, slice_items=1, slice_sigma_scale=0)
 
 
@@ -393,40 +219,3 @@ def test_joint_image_video_loss_is_the_same_on_two_ranks(denoiser3d):
             for r in (0, 1)
         ]
     torch.testing.assert_close(torch.stack(ranks, 1).flatten(), single)
-
-
-def test_lighter_temporal_layers_run_save_load_and_inflate(tmp_path):
-    """temporal_conv_depth < 4 and input_temporal_attention=False remove temporal layers only: the
-    backbone still runs any T, loads its own weights, and inflates an image model exactly."""
-    from diffusers.models.resnet import TemporalConvLayer
-
-    torch.manual_seed(0)
-    full = UNet3DCond(**TINY3D)
-    light = UNet3DCond(**TINY3D, temporal_conv_depth=2, input_temporal_attention=False)
-    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
-    assert count(light) < count(full)
-    assert not any(k.startswith("transformer_in.") for k in light.unet.state_dict())
-    convs = [m for m in light.unet.modules() if isinstance(m, TemporalConvLayer)]
-    assert convs and all(isinstance(m.conv2, torch.nn.Identity) and isinstance(m.conv3, torch.nn.Identity)
-                         and not isinstance(m.conv1, torch.nn.Identity) for m in convs)
-    x, c = torch.randn(2, 1, 3, 8, 8), torch.tensor([30.0, 700.0])
-    with torch.no_grad():
-        y = light.eval()(x, c, _cond())
-    assert y.shape == x.shape
-    light.save_pretrained(tmp_path / "light")
-    again = UNet3DCond(**TINY3D, temporal_conv_depth=2, input_temporal_attention=False).eval()
-    again.load_pretrained(tmp_path / "light")
-    with torch.no_grad():
-        torch.testing.assert_close(again(x, c, _cond()), y)
-    image = UNet2DCond(**TINY, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(4, 8)).eval()
-    image.save_pretrained(tmp_path / "image" / "backbone")
-    inflated = UNet3DCond(**TINY3D, temporal_conv_depth=1, input_temporal_attention=False,
-                          init_from=str(tmp_path / "image")).eval()
-    frames = x.permute(0, 2, 1, 3, 4).reshape(6, 1, 8, 8)
-    with torch.no_grad():
-        per_frame = image(frames, c.repeat_interleave(3), _cond().repeat_interleave(3))
-        torch.testing.assert_close(inflated(x, c, _cond()), per_frame.reshape(2, 3, 1, 8, 8).permute(0, 2, 1, 3, 4),
-                                   atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="temporal_conv_depth must be 1, 2, 3 or 4"):
-        UNet3DCond(**TINY3D, temporal_conv_depth=5)

@@ -51,7 +51,7 @@ def test_recipe_composes_a_video_run():
     assert cfg.modality._target_ == "multidiff.adapters.video.VideoAdapter"
     assert cfg.backbone._target_ == "multidiff.backbones.unet3d.UNet3DCond"
     assert cfg.data.dataset._target_ == "multidiff.datasets.moving_digits.moving_digits_dataset"
-    assert cfg.data.dataset.num_frames == cfg.modality.num_frames and cfg.data.dataset.canvas == cfg.modality.size
+    assert not {"canvas", "num_frames", "fps"} & set(cfg.data.dataset)  # the clips follow the adapter (tests/test_datasets.py)
     assert all("moving" in p for p in cfg.preview_prompts)
 
 
@@ -81,12 +81,17 @@ def test_train_exports_and_logs_sample_videos(video_run):
 @pytest.mark.parametrize(("overrides", "message"), [
     (["recipe=video_moving_digits", "data.batch_size=4", "training.slice_items=4"],
      r"training.slice_items=4 is invalid: it must be a whole number from 0 \(off\) to data.batch_size - 1 \(3\)"),
-    (["recipe=image_digits", "training.slice_items=2"],
-     r"training.slice_dim=1 does not name a slicing axis of this modality's items \(1, 16, 16\) \(ImageAdapter\)"),
+    (["recipe=image_digits", "training.slice_items=2", "training.slice_dim=3"],
+     r"training.slice_dim=3 does not name an axis of this model's items \(1, 16, 16\) \(axes 1..2 follow the "
+     r"channels\).* \(ImageAdapter\)"),
     (["recipe=video_moving_digits", "training.slice_sigma_scale=0"],
      r"training.slice_sigma_scale=0 is invalid: it must be a number > 0"),
     (["recipe=video_moving_digits", "training.slice_dim=4", "data.dataset.num_digits=20"],
-     r"training.slice_dim=4 does not name a slicing axis of this modality's items \(1, 8, 16, 16\)"),
+     r"training.slice_dim=4 does not name an axis of this model's items \(1, 8, 16, 16\)"),
+    (["recipe=video_moving_digits", "+training.slice_itmes=2"], r"unknown key training.slice_itmes: the training "
+     r"options are ema_decay, .*slice_items"),
+    (["recipe=video_moving_digits", "training.slice_items=true"], r"training.slice_items=True is invalid: it must be "
+     r"an integer"),
 ])
 def test_slice_items_errors_name_the_key(overrides, message, tmp_path):
     proc = multidiff_cli("train", *overrides, f"run_dir={tmp_path / 'run'}", check=False)

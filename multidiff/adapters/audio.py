@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multidiff.adapters.base import Adapter
+from multidiff.adapters.base import Adapter, GenerationOption
 from multidiff.adapters.vocoders import GriffinLimVocoder, MelSpec, single_threaded
 
 SOUNDFILE_SUBTYPES = {".wav": None, ".flac": "PCM_16", ".ogg": "VORBIS", ".mp3": "MPEG_LAYER_III"}
@@ -84,9 +84,9 @@ class AudioAdapter(Adapter):
             ``frames * hop_length`` samples (``frames * hop_length / sample_rate`` seconds).
         crop: which part of a longer file trains: ``"start"`` (onsets matter, e.g. notes) or
             ``"center"``.
-        size, channels: the model tensor is ``(channels, *size)``; backbone configs read these keys
-            of every modality. They follow from the other settings (``(n_mels, frames)`` and 1)
-            and, when given, must agree with them.
+        size, channels: the model tensor is ``(1, n_mels, frames)`` (:attr:`shape`, which the model
+            builder hands to the backbone). Both follow from the other settings; ``size`` is only
+            read from models exported before the shape flowed from the adapter and must agree.
         vocoder: factory ``f(spec=MelSpec) -> vocoder`` (see :mod:`multidiff.adapters.vocoders`);
             default Griffin-Lim.
         subtype: soundfile subtype for ``.wav`` output (``"PCM_16"``, ``"PCM_24"``, ``"FLOAT"``).
@@ -96,6 +96,7 @@ class AudioAdapter(Adapter):
 
     extensions = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
     suffix = ".wav"
+    formats = ("wav", "flac", "ogg", "mp3")
 
     def __init__(
         self,
@@ -126,8 +127,8 @@ class AudioAdapter(Adapter):
                         f_max=f_max, log_floor=log_floor, std=std, frames=frames, crop=crop)
         if size is not None and tuple(size) != (n_mels, frames):
             raise ValueError(
-                f"modality.size={list(size)} disagrees with (n_mels, frames)=({n_mels}, {frames}); leave size as "
-                "its default interpolation (size: [\"${..n_mels}\", \"${..frames}\"]) and set n_mels and frames instead"
+                f"modality.size={list(size)} disagrees with (n_mels, frames)=({n_mels}, {frames}); remove size "
+                "(the shape follows from n_mels and frames) and set those instead"
             )
         if channels != 1:
             raise ValueError(f"modality.channels={channels}: audio is mixed down to mono, so channels must be 1")
@@ -170,6 +171,10 @@ class AudioAdapter(Adapter):
     def frames_for(self, num_samples: int) -> int:
         """Spectrogram frames covering ``num_samples`` (the last one partly)."""
         return max(1, math.ceil(num_samples / self.spec.hop_length))
+
+    def generation_options(self) -> tuple[GenerationOption, ...]:
+        return (GenerationOption("duration", float, None, f"seconds of audio (default: the training length, "
+                                 f"{self.duration:g} s); any length works", minimum=0),)
 
     def sample_shape(self, *, duration: float | None = None, **options) -> tuple[int, ...]:
         """``(1, n_mels, frames)`` for ``duration`` seconds; any frame count works (the backbone pads)."""

@@ -2,10 +2,56 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class GenerationOption:
+    """One option that ``generate`` takes for a modality (``duration``, ``num_frames``, ``length``...).
+
+    ``default`` ``None`` means "follow the model" (e.g. the training length); ``minimum`` is an
+    exclusive lower bound for numbers (``0``: positive); ``choices`` restricts strings.
+    """
+
+    name: str
+    type: type
+    default: Any = None
+    help: str = ""
+    minimum: float | None = None
+    choices: tuple = ()
+
+    def check(self, value: Any) -> Any:
+        """``value`` converted to :attr:`type` (an int is a valid float), or ``ValueError`` saying why not."""
+        if value is None:
+            return None
+        what = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(self.type, self.type.__name__)
+        given = value  # messages echo what the user wrote (2, not 2.0)
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
+            raise ValueError(f"{self.name}={given!r} is invalid: it must be {what}")
+        if self.type in (int, float):
+            if self.minimum == 0:
+                what = what.replace("an integer", "a positive integer").replace("a number", "a positive number")
+            elif self.minimum is not None:
+                what = f"{what} > {self.minimum}"
+            if not math.isfinite(value) or (self.minimum is not None and value <= self.minimum):
+                raise ValueError(f"{self.name}={given!r} is invalid: it must be {what}")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{self.name}={value!r} is invalid: choose one of {', '.join(map(str, self.choices))}")
+        return value
+
+    def describe(self) -> str:
+        """``name (type, default D): help`` -- one line of ``--help``."""
+        default = "from the model" if self.default is None else repr(self.default)
+        return f"{self.name} ({self.type.__name__}, default {default}): {self.help}"
 
 
 class Adapter:
@@ -33,11 +79,16 @@ class Adapter:
       scaled), :meth:`write_previews` (tiles previews into ``samples/step_N.png``),
       :meth:`log_preview` (sends the grid to image-taking loggers), :meth:`log_media` (extra media,
       e.g. audio clips; none by default);
-    - :meth:`sample_shape` ``(**options)`` and :meth:`metadata` ``(**options)``: the model-tensor
-      shape to generate and extra ``metadata.jsonl`` fields, given the ``generate`` length
-      options (``duration``, ``num_frames``, ``fps``); defaults: :attr:`shape` and ``{}``.
-    - ``fit_length(raw, **options) -> raw`` (not defined here, looked up by the pipeline): trim a
-      decoded sample to the requested length when raw time is finer than model time (audio).
+    - :meth:`generation_options` -> the options ``generate`` takes for this modality
+      (:class:`GenerationOption`: name, type, default, one line of help; e.g. a duration, a frame
+      count), checked by :meth:`read_options`; ``multidiff generate model=DIR --help`` lists them,
+      and ``multidiff generate ... name=value`` passes them here without the CLI naming any;
+    - :meth:`sample_shape` ``(**options)``, :meth:`metadata` ``(**options)``,
+      :meth:`fit_length` ``(raw, **options)`` and :meth:`save_options` ``(**options)``: the
+      model-tensor shape to generate, extra ``metadata.jsonl`` fields, a decoded sample fitted to
+      the request (e.g. audio trimmed to the exact duration) and keyword arguments for :meth:`save`
+      (e.g. a clip's playback rate); defaults: :attr:`shape`, ``{}``, unchanged, ``{}``.
+    - :attr:`formats`: the suffixes :meth:`save` writes (``generate format=`` picks one).
 
     Adapters are built from the ``modality`` config with ``_target_`` and keyword arguments, so
     give ``__init__`` plain typed keyword options. See ``docs/new_modality.md`` for a worked example.
@@ -47,6 +98,8 @@ class Adapter:
     """File suffixes ``load`` reads (lower case, with the dot)."""
     suffix: str = ".bin"
     """Default file suffix ``save`` writes for generated samples."""
+    formats: tuple[str, ...] = ()
+    """Suffixes ``save`` can write (without the dot; empty: only :attr:`suffix`)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -108,14 +161,50 @@ class Adapter:
         ``raws`` are decoded preview samples (one per prompt in ``prompts``), ``step`` the global step.
         """
 
+    def generation_options(self) -> tuple[GenerationOption, ...]:
+        """The options ``generate`` takes for this modality, with this model's defaults; none by default."""
+        return ()
+
+    def read_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Check ``generate``'s modality options against :meth:`generation_options`.
+
+        Returns every declared option, ``None`` where not given (the adapter's methods then use the
+        model's default, which :attr:`GenerationOption.default` shows); ``ValueError`` names an unknown
+        option and lists the declared ones, or says why a value is invalid.
+        """
+        declared = {o.name: o for o in self.generation_options()}
+        unknown = sorted(set(options) - set(declared))
+        if unknown:
+            have = "; ".join(o.describe() for o in declared.values()) or "none"
+            raise ValueError(f"unknown generation option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for "
+                             f"this model ({type(self).__name__}); its options: {have}")
+        return {name: option.check(options.get(name)) for name, option in declared.items()}
+
     def sample_shape(self, **options) -> tuple[int, ...]:
-        """Model-tensor shape ``(C, *dims)`` to generate; modalities with a length (audio, video,
-        series) read ``generate``'s options (``duration``, ``num_frames``, ...), others ignore them."""
+        """Model-tensor shape ``(C, *dims)`` to generate for :meth:`read_options`' result; default :attr:`shape`."""
         return self.shape
 
     def metadata(self, **options) -> dict:
         """Extra per-sample fields for ``metadata.jsonl`` (e.g. ``sample_rate``), JSON-serializable."""
         return {}
+
+    def fit_length(self, raw: Tensor, **options) -> Tensor:
+        """A decoded sample fitted to the request when raw units are finer than model units (audio
+        samples vs. spectrogram frames); unchanged by default."""
+        return raw
+
+    def save_options(self, **options) -> dict:
+        """Keyword arguments for :meth:`save` that follow from generation options (e.g. a clip's fps)."""
+        return {}
+
+    def check_format(self, suffix: str) -> str:
+        """``suffix`` (``".gif"`` or ``"gif"``) as a file suffix ``save`` writes, or ``ValueError``."""
+        suffix = "." + suffix.lstrip(".").lower()
+        allowed = self.formats or (self.suffix.lstrip("."),)
+        if suffix[1:] not in allowed:
+            raise ValueError(f"format={suffix[1:]!r} is invalid for this model ({type(self).__name__}): "
+                             f"choose one of {', '.join(allowed)}")
+        return suffix
 
 
 def preview_grid(images: list[Tensor], nrow: int = 8, padding: int = 2, min_side: int = 64) -> Tensor:

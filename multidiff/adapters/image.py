@@ -22,6 +22,7 @@ class ImageAdapter(Adapter):
 
     extensions = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
     suffix = ".png"
+    formats = ("png", "jpg", "jpeg", "webp", "bmp")
 
     def __init__(self, size: int | tuple[int, int] = 16, channels: int = 1, antialias: bool = True) -> None:
         if channels not in (1, 3):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multidiff.adapters.base import Adapter
+from multidiff.adapters.base import Adapter, GenerationOption
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi")
 """Containers read through ffmpeg (writing: ``.mp4`` and ``.webm``)."""
@@ -245,6 +245,7 @@ class VideoAdapter(Adapter):
 
     extensions = (".mp4", ".webm", ".gif", ".mkv", ".mov", ".avi")
     suffix = ".mp4"
+    formats = ("mp4", "webm", "gif")
 
     def __init__(
         self,
@@ -324,6 +325,15 @@ class VideoAdapter(Adapter):
             frames = frames.expand(-1, 3, -1, -1)
         return make_grid(frames, nrow=self.preview_columns, padding=1, pad_value=0.5)
 
+    def generation_options(self) -> tuple[GenerationOption, ...]:
+        return (
+            GenerationOption("num_frames", int, None, f"frames per clip (default: duration x fps, else the training "
+                             f"length, {self.num_frames})", minimum=0),
+            GenerationOption("fps", float, self.fps, "playback frames per second of the written clips", minimum=0),
+            GenerationOption("duration", float, None, "seconds per clip at fps, when num_frames is not given",
+                             minimum=0),
+        )
+
     def _frames_and_fps(self, num_frames: int | None, fps: float | None, duration: float | None) -> tuple[int, float]:
         fps = self.fps if fps is None else fps
         if isinstance(fps, bool) or not isinstance(fps, int | float) or fps <= 0:
@@ -346,7 +356,7 @@ class VideoAdapter(Adapter):
         return {"num_frames": t, "fps": rate, "height": self.size[0], "width": self.size[1]}
 
     def save_options(self, *, fps: float | None = None, **_ignored) -> dict:
-        """Keyword arguments of :meth:`save` that follow from generation options (the playback fps)."""
+        """The playback fps for :meth:`save`."""
         return {"fps": self.fps if fps is None else float(fps)}
 
     def log_media(self, logger, raws: list[Tensor], prompts: list[str], step: int, out_dir: str | Path) -> None:

@@ -62,85 +62,200 @@ class MelSpec:
 
 @contextmanager
 def single_threaded(device: torch.device) -> Iterator[None]:
-    """Run a block of many tiny CPU ops (one clip's STFTs) on one intra-op thread.
+    """Does nothing; kept only while ``adapters/audio.py`` still imports it (remove both together).
 
-    Griffin-Lim on one clip is hundreds of small FFTs; extra threads only add a synchronization
-    per op, which on a CPU shared with other jobs costs a scheduler slice each time (measured on
-    2 busy cores: 11 s per clip with 2 threads, 0.15 s with 1). No effect on other devices.
+    It used to set torch's intra-op thread count to 1 for the block, which is process-wide and not
+    thread-safe. :class:`GriffinLimVocoder` now avoids the threads on the CPU without touching it.
     """
-    if device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    yield
 
 
 class GriffinLimVocoder(nn.Module):
-    """Mel magnitude -> linear magnitude (``InverseMelScale``, refined by non-negative least
-    squares) -> phase by Griffin-Lim.
+    """Mel magnitude -> linear magnitude (minimum-norm least squares, refined by non-negative least
+    squares) -> phase by fast Griffin-Lim.
 
-    ``InverseMelScale`` returns the minimum-norm least-squares solution, which spreads a partial
+    The least-squares solution (what torchaudio's ``InverseMelScale`` computes) spreads a partial
     over the whole width of its mel filters: a pure 262 Hz tone comes back ~55 cents sharp at 64
     slaney mels. ``nnls_iter`` multiplicative updates (Lee & Seung 2001) of
     ``min ||fb^T S - mel||^2, S >= 0`` from that start concentrate the energy again (librosa's
     ``mel_to_stft`` also solves an NNLS problem), which brings the worst case under 20 cents.
 
+    On the CPU the decode runs in NumPy and SciPy (sparse filterbank products), which use no
+    threads: Griffin-Lim on one clip is hundreds of small FFTs, and torch's intra-op threads add a
+    synchronization to each, which on a CPU shared with other jobs costs a scheduler slice per op
+    (a 1 s clip on 2 cores kept busy by other jobs: 290 ms median and up to 8 s with torch's 2
+    threads, 95 ms here). Lowering torch's thread count instead would change it for the whole
+    process. Other devices run the same algorithm in torch.
+
     Args:
         spec: the adapter's mel settings.
         n_iter: Griffin-Lim iterations (quality grows slowly beyond ~64).
-        nnls_iter: NNLS refinement steps after ``InverseMelScale``; 0 keeps its plain solution.
+        nnls_iter: NNLS refinement steps after the least-squares start; 0 keeps the plain solution.
         momentum: fast Griffin-Lim momentum (Perraudin et al. 2013); 0.99 is torchaudio's default.
-        seed: the random initial phase is drawn from this seed, so decoding is deterministic and
-            generation stays reproducible per sample seed.
+        seed: the random initial phase is drawn from this seed (with a generator of its own, so the
+            global RNG is neither read nor changed): decoding is deterministic, the same on every
+            device up to rounding, and generation stays reproducible per sample seed.
     """
 
     def __init__(self, *, spec: MelSpec, n_iter: int = 64, nnls_iter: int = 100, momentum: float = 0.99,
                  seed: int = 0) -> None:
         super().__init__()
-        import torchaudio.transforms as T
+        from torchaudio.functional import melscale_fbanks
 
-        self.spec, self.seed, self.nnls_iter = spec, seed, nnls_iter
-        self.inverse_mel = T.InverseMelScale(
-            n_stft=spec.n_stft, n_mels=spec.n_mels, sample_rate=spec.sample_rate, f_min=spec.f_min,
-            f_max=spec.f_max, norm=spec.norm, mel_scale=spec.mel_scale,
-        )
-        self.griffin_lim = T.GriffinLim(
-            n_fft=spec.n_fft, n_iter=n_iter, win_length=spec.win_length, hop_length=spec.hop_length,
-            power=1.0, momentum=momentum, rand_init=True,
-        )
+        if not 0 <= momentum < 1:
+            raise VocoderError(f"Griffin-Lim momentum must be in [0, 1), got {momentum} (modality.vocoder.momentum)")
+        self.spec, self.n_iter, self.nnls_iter, self.momentum, self.seed = spec, n_iter, nnls_iter, momentum, seed
+        fb = melscale_fbanks(spec.n_stft, spec.f_min, spec.f_max, spec.n_mels, spec.sample_rate, spec.norm,
+                             spec.mel_scale)  # (n_stft, n_mels): mel = fb^T @ linear
+        self.register_buffer("fb", fb, persistent=False)
+        # InverseMelScale solves lstsq(fb^T, mel) at every call; its minimum-norm solution is one
+        # linear map of the mel input, computed once here
+        self.register_buffer("fb_pinv", torch.linalg.pinv(fb.double().T).float(), persistent=False)
+        left = (spec.n_fft - spec.win_length) // 2  # torch.stft centres a shorter window the same way
+        window = F.pad(torch.hann_window(spec.win_length), (left, spec.n_fft - spec.win_length - left))
+        self.register_buffer("window", window, persistent=False)
+        self._numpy_ops: _NumpyOps | None = None
 
     @torch.no_grad()
     def forward(self, log_mel: Tensor) -> Tensor:
         """``(B, n_mels, frames)`` natural-log mel magnitudes -> ``(B, frames * hop)`` waveforms (or more)."""
-        self.to(log_mel.device)
         # A centred inverse STFT of F frames spans (F - 1) hops: one silent frame more covers the
         # last hop, and very short inputs get enough frames for the overlap-add to be defined.
         extra = max(1, self.spec.n_fft // self.spec.hop_length + 1 - log_mel.shape[-1])
         log_mel = F.pad(log_mel, (0, extra), value=math.log(self.spec.log_floor))
         # the floor stands for silence: subtracting it keeps a quiet bed from turning into noise
         mel = (log_mel.float().exp() - self.spec.log_floor).clamp_min(0)
-        devices = [log_mel.device] if log_mel.device.type == "cuda" else []
-        with single_threaded(log_mel.device), torch.random.fork_rng(devices=devices):
-            linear = self.refine(self.inverse_mel(mel), mel)
-            torch.manual_seed(self.seed)
-            return self.griffin_lim(linear)
+        batch, _, frames = mel.shape
+        generator = torch.Generator().manual_seed(self.seed)
+        phase = torch.rand((batch, self.spec.n_stft, frames), dtype=torch.complex64, generator=generator)
+        length = self.spec.hop_length * (frames - 1)
+        if mel.device.type == "cpu":
+            if self._numpy_ops is None:
+                self._numpy_ops = _NumpyOps(self.fb, self.fb_pinv, self.window, self.spec)
+            frame_major = mel.double().numpy().swapaxes(1, 2), phase.numpy().swapaxes(1, 2)
+            wave = self.decode(*frame_major, self._numpy_ops, length)
+            return torch.from_numpy(wave).float()
+        ops = _TorchOps(self.fb.to(mel.device), self.fb_pinv.to(mel.device), self.window.to(mel.device), self.spec)
+        return self.decode(mel, phase.to(mel.device), ops, length)
+
+    def decode(self, mel, phase, ops: _TorchOps | _NumpyOps, length: int):
+        """``(B, n_mels, F)`` mel magnitudes and ``(B, n_stft, F)`` initial phase -> ``(B, length)``
+        waveform, as torch tensors or NumPy arrays (``ops`` matches them)."""
+        linear = ops.min_norm(mel).clip(min=0)
+        if self.nnls_iter > 0:
+            linear = nnls_refine(linear, mel, ops, self.nnls_iter)
+        return griffin_lim(linear, phase, ops, n_iter=self.n_iter, momentum=self.momentum, length=length)
 
 
-    def refine(self, linear: Tensor, mel: Tensor) -> Tensor:
-        """``(B, n_stft, F)`` start, ``(B, n_mels, F)`` target -> refined non-negative ``(B, n_stft, F)``."""
-        if self.nnls_iter <= 0:
-            return linear
-        fb = self.inverse_mel.fb.to(mel)  # (n_stft, n_mels): mel = fb^T @ linear
-        # multiplicative updates cannot revive exact zeros: start every bin slightly above zero
-        s = linear.clamp_min(1e-6 * float(linear.max().clamp_min(1e-12)))
-        numerator = fb @ mel
-        for _ in range(self.nnls_iter):
-            s = s * numerator / (fb @ (fb.T @ s)).clamp_min(1e-12)
-        return s
+def nnls_refine(linear, mel, ops: _TorchOps | _NumpyOps, n_iter: int):
+    """``(B, n_stft, F)`` start, ``(B, n_mels, F)`` target -> refined non-negative ``(B, n_stft, F)``
+    by Lee & Seung's multiplicative updates (tensors or arrays alike)."""
+    # multiplicative updates cannot revive exact zeros: start every bin slightly above zero
+    s = linear.clip(min=1e-6 * max(float(linear.max()), 1e-12))
+    numerator = ops.to_linear(mel)
+    for _ in range(n_iter):
+        s = s * numerator / ops.to_linear(ops.to_mel(s)).clip(min=1e-12)
+    return s
+
+
+def griffin_lim(magnitude, phase, ops: _TorchOps | _NumpyOps, *, n_iter: int, momentum: float, length: int):
+    """Fast Griffin-Lim (Perraudin et al. 2013; torchaudio's ``griffinlim`` loop): ``(B, n_stft, F)``
+    magnitude and initial phase -> ``(B, length)`` waveform (tensors or arrays alike)."""
+    beta = momentum / (1 + momentum)
+    angles, previous = phase, 0.0
+    for _ in range(n_iter):
+        rebuilt = ops.stft(ops.istft(magnitude * angles, length))
+        angles = rebuilt - beta * previous
+        angles /= abs(angles) + 1e-16
+        previous = rebuilt
+    return ops.istft(magnitude * angles, length)
+
+
+class _TorchOps:
+    """The filterbank products and STFTs of :class:`GriffinLimVocoder` in torch (any device)."""
+
+    def __init__(self, fb: Tensor, fb_pinv: Tensor, window: Tensor, spec: MelSpec) -> None:
+        self.fb, self.fb_pinv, self.window, self.spec = fb, fb_pinv, window, spec
+
+    def to_mel(self, linear: Tensor) -> Tensor:  # (B, n_stft, F) -> (B, n_mels, F)
+        return self.fb.T @ linear
+
+    def to_linear(self, mel: Tensor) -> Tensor:  # (B, n_mels, F) -> (B, n_stft, F), the adjoint
+        return self.fb @ mel
+
+    def min_norm(self, mel: Tensor) -> Tensor:
+        return self.fb_pinv @ mel
+
+    def stft(self, wave: Tensor) -> Tensor:  # (B, T) -> (B, n_stft, F), complex
+        return torch.stft(wave, self.spec.n_fft, self.spec.hop_length, window=self.window, center=True,
+                          pad_mode="reflect", return_complex=True)
+
+    def istft(self, spec: Tensor, length: int) -> Tensor:  # (B, n_stft, F) -> (B, length)
+        return torch.istft(spec, self.spec.n_fft, self.spec.hop_length, window=self.window, center=True,
+                           length=length)
+
+
+class _NumpyOps:
+    """The same in NumPy (float64) with a sparse filterbank: no threads, hence no thread setting.
+
+    Its spectra are frame-major, ``(B, F, bins)`` (the transpose of :class:`_TorchOps`'s), so that
+    every FFT runs over contiguous memory; :meth:`GriffinLimVocoder.forward` hands them over so.
+    """
+
+    def __init__(self, fb: Tensor, fb_pinv: Tensor, window: Tensor, spec: MelSpec) -> None:
+        import numpy as np
+        from scipy.sparse import csr_array
+
+        fb64 = fb.double().numpy()
+        self.fb, self.fb_t = csr_array(fb64), csr_array(fb64.T)  # each STFT bin meets at most 2 filters
+        self.fb_pinv_t, self.window, self.spec = fb_pinv.double().numpy().T, window.double().numpy(), spec
+        n_fft, hop = spec.n_fft, spec.hop_length
+        self.parts = -(-n_fft // hop)  # hop-long pieces per frame, for the overlap-add
+        self.window_sq = np.pad(self.window**2, (0, self.parts * hop - n_fft)).reshape(self.parts, hop)
+
+    @staticmethod
+    def _apply(x, matrix):
+        """Each ``x[b] (F, n)`` times ``matrix (n, m)`` -> ``(B, F, m)``."""
+        batch, frames, n = x.shape
+        return (x.reshape(batch * frames, n) @ matrix).reshape(batch, frames, -1)
+
+    def to_mel(self, linear):
+        return self._apply(linear, self.fb)
+
+    def to_linear(self, mel):
+        return self._apply(mel, self.fb_t)
+
+    def min_norm(self, mel):
+        return self._apply(mel, self.fb_pinv_t)
+
+    def stft(self, wave):
+        """``(B, T)`` -> ``(B, F, n_stft)``: ``torch.stft(center=True, pad_mode="reflect")``, transposed."""
+        import numpy as np
+
+        n_fft, hop = self.spec.n_fft, self.spec.hop_length
+        padded = np.pad(wave, [(0, 0), (n_fft // 2, n_fft // 2)], mode="reflect")
+        frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft, axis=-1)[:, ::hop]
+        return np.fft.rfft(frames * self.window, axis=-1)
+
+    def istft(self, spec, length: int):
+        """``(B, F, n_stft)`` -> ``(B, length)`` as ``torch.istft(center=True, length=length)``."""
+        import numpy as np
+
+        n_fft, hop, parts = self.spec.n_fft, self.spec.hop_length, self.parts
+        frames = np.fft.irfft(spec, n=n_fft, axis=-1)  # (B, F, n_fft)
+        frames *= self.window
+        batch, count, _ = frames.shape
+        if parts * hop != n_fft:
+            frames = np.pad(frames, [(0, 0), (0, 0), (0, parts * hop - n_fft)])
+        pieces = frames.reshape(batch, count, parts, hop)
+        wave = np.zeros((batch, count + parts - 1, hop))
+        envelope = np.zeros((count + parts - 1, hop))  # torch.istft's normalization: sum of squared windows
+        for k in range(parts):  # overlap-add: piece k of frame f lands at hop f + k
+            wave[:, k : k + count] += pieces[:, :, k]
+            envelope[k : k + count] += self.window_sq[k]
+        keep = slice(n_fft // 2, n_fft // 2 + length)
+        envelope = envelope.reshape(-1)[keep]
+        return wave.reshape(batch, -1)[:, keep] / np.where(envelope > 1e-11, envelope, 1.0)
 
 
 class ModuleVocoder(nn.Module):

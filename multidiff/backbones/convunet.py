@@ -1,13 +1,14 @@
 """A compact convolutional UNet for data of any rank: 1-D series, 2-D grids, 3-D volumes.
 
-One class serves every rank (``dims=1|2|3`` picks ``Conv1d``/``Conv2d``/``Conv3d``), so a new
-modality whose tensors are ``(B, C, *dims)`` needs no network of its own. The design follows the
-usual diffusion UNet (Ho et al. 2020; Dhariwal & Nichol 2021) in a small form:
+One class serves every rank (the item shape ``(C, *dims)`` picks ``Conv1d``/``Conv2d``/``Conv3d``),
+so a new modality whose tensors are ``(B, C, *dims)`` needs no network of its own. The design
+follows the usual diffusion UNet (Ho et al. 2020; Dhariwal & Nichol 2021) in a small form:
 
 - residual blocks ``GroupNorm -> SiLU -> conv``, with the noise embedding applied as a
   scale-shift of the second normalization (FiLM / "AdaGN", Dhariwal & Nichol 2021, sec. 3);
 - the noise embedding is a sinusoidal encoding of ``c_noise`` followed by a two-layer MLP, plus
-  optional projections of ``cond.pooled`` and of ``cond.labels``;
+  optional projections of ``cond.pooled`` and of ``cond.labels``
+  (:mod:`multidiff.backbones.conditioning`);
 - cross-attention from the feature map to ``cond.tokens`` (``cond.mask`` respected) only at the
   lowest resolution(s), where it is cheap;
 - downsampling by a stride-2 convolution (``ceil(n / 2)`` for any ``n``: the convolution pads) and
@@ -17,7 +18,6 @@ usual diffusion UNet (Ho et al. 2020; Dhariwal & Nichol 2021) in a small form:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -25,23 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multidiff.backbones.base import Backbone
+from multidiff.backbones.conditioning import LabelEmbedding, NoiseEmbedding, append_tokens, cond_tokens, pooled_vector
 from multidiff.core.cond import Cond
 from multidiff.core.noise import append_dims
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-
-
-def sinusoidal_embedding(c_noise: Tensor, dim: int, *, max_period: float = 10_000.0) -> Tensor:
-    """``(B,)`` -> ``(B, dim)``: ``[cos(c f_k), sin(c f_k)]`` with ``f_k`` geometric from 1 to ``1/max_period``.
-
-    The usual transformer/DDPM encoding; it spans timesteps in ``[0, 1000)`` and EDM's
-    ``ln(sigma) / 4`` alike, because the highest frequency is 1.
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=c_noise.device, dtype=torch.float32) / half)
-    args = c_noise.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-    return F.pad(emb, (0, dim % 2))  # odd dim: one zero column
 
 
 def _groups(channels: int, norm_groups: int) -> int:
@@ -102,17 +90,9 @@ class CrossAttention(nn.Module):
         b, c = x.shape[:2]
         q = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
         null = self.null_token.to(x.dtype).expand(b, 1, -1)
-        if tokens is None:
-            context, keep = null, torch.ones(b, 1, dtype=torch.bool, device=x.device)
-        else:
-            if tokens.shape[-1] != self.context_dim:
-                raise ValueError(
-                    f"cond.tokens have width {tokens.shape[-1]} but the backbone's cross_attention_dim is "
-                    f"{self.context_dim}; set backbone.cross_attention_dim to the conditioner's dim"
-                )
-            context = torch.cat([tokens.to(x.dtype), null], dim=1)
-            real = torch.ones(tokens.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.bool()
-            keep = torch.cat([real, torch.ones(b, 1, dtype=torch.bool, device=x.device)], dim=1)
+        context, keep = append_tokens(None if tokens is None else tokens.to(x.dtype), mask, null)
+        if keep is None:  # SDPA gets an explicit all-True mask, as it always has
+            keep = torch.ones(context.shape[:2], dtype=torch.bool, device=x.device)
         heads = lambda t: t.reshape(b, t.shape[1], self.num_heads, -1).transpose(1, 2)  # noqa: E731
         k, v = self.kv(context).chunk(2, dim=-1)
         out = F.scaled_dot_product_attention(heads(self.q(q)), heads(k), heads(v), attn_mask=keep[:, None, None, :])
@@ -124,10 +104,10 @@ class ConvUNet(Backbone):
     """A rank-agnostic conditional UNet: ``forward(x (B, C, *dims), c_noise (B,), cond) -> (B, C_out, *dims)``.
 
     Args:
-        dims: spatial rank of the data: 1 (series, ``(B, C, L)``), 2 (``(B, C, H, W)``) or 3
-            (``(B, C, D, H, W)``).
-        in_channels: channels ``C`` of the model tensor.
-        out_channels: output channels (default ``in_channels``).
+        shape: ``(C, *dims)`` of one item (from the adapter): ``C`` input channels and the rank
+            ``len(dims)`` (1: series ``(B, C, L)``, 2: ``(B, C, H, W)``, 3: ``(B, C, D, H, W)``);
+            the sizes themselves are free (any size runs).
+        out_channels: output channels (default ``C``).
         channels: width of each resolution level; level ``i`` runs at ``1 / 2^i`` of the input size.
         layers_per_level: residual blocks per level on the way down (and up).
         attention_levels: levels with cross-attention after each block (default: the lowest
@@ -135,7 +115,7 @@ class ConvUNet(Backbone):
             indices count from the lowest level.
         cross_attention_dim: width ``D`` of ``cond.tokens`` (the conditioner's ``dim``); ``None``
             for no cross-attention (label- or pooled-only conditioning).
-        num_heads: attention heads.
+        num_heads: attention heads (a count; each is ``width / num_heads`` wide).
         pooled_dim: width of ``cond.pooled`` to add to the noise embedding (``None``: ignore pooled).
         num_classes: number of class labels in ``cond.labels`` (index ``num_classes`` is the null
             label, as :class:`~multidiff.conditioning.labels.LabelConditioner` uses); ``None``: none.
@@ -145,11 +125,12 @@ class ConvUNet(Backbone):
         dropout: dropout inside residual blocks.
     """
 
+    ranks = (1, 2, 3)
+
     def __init__(
         self,
         *,
-        dims: int = 1,
-        in_channels: int = 1,
+        shape: Sequence[int],
         out_channels: int | None = None,
         channels: Sequence[int] = (32, 64, 128),
         layers_per_level: int = 1,
@@ -163,9 +144,7 @@ class ConvUNet(Backbone):
         kernel_size: int = 3,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        if dims not in _CONV:
-            raise ValueError(f"dims must be 1, 2 or 3 (the spatial rank of the data), got {dims}")
+        super().__init__(shape=shape)
         channels = [int(c) for c in channels]
         if not channels or layers_per_level < 1 or kernel_size % 2 == 0:
             raise ValueError("channels must be non-empty, layers_per_level >= 1 and kernel_size odd")
@@ -173,21 +152,20 @@ class ConvUNet(Backbone):
         levels = {n - 1} if attention_levels is None else {i % n for i in attention_levels}
         if cross_attention_dim is None:
             levels = set()
-        self.dims, self.in_channels = dims, in_channels
-        self.out_channels = out_channels or in_channels
-        self.num_classes = num_classes
-        emb_dim = emb_dim or 4 * channels[0]
+        self.dims, self.in_channels = len(self.shape) - 1, self.shape[0]
+        self.out_channels = out_channels or self.in_channels
+        self.cross_attention_dim = cross_attention_dim
+        dims, emb_dim = self.dims, emb_dim or 4 * channels[0]
         conv = _CONV[dims]
         block = lambda cin, cout: ResBlock(  # noqa: E731
             dims, cin, cout, emb_dim, norm_groups=norm_groups, kernel_size=kernel_size, dropout=dropout)
         attn = lambda ch: CrossAttention(ch, cross_attention_dim, num_heads=num_heads, norm_groups=norm_groups)  # noqa: E731
 
-        self.time_dim = channels[0]
-        self.time_mlp = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = NoiseEmbedding(channels[0], emb_dim)
         self.pooled_proj = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
-        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.label_emb = LabelEmbedding(num_classes, emb_dim) if num_classes else None
 
-        self.conv_in = conv(in_channels, channels[0], kernel_size, padding=kernel_size // 2)
+        self.conv_in = conv(self.in_channels, channels[0], kernel_size, padding=kernel_size // 2)
         self.down = nn.ModuleList()
         self.down_attn = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -218,28 +196,19 @@ class ConvUNet(Backbone):
 
     def embed(self, c_noise: Tensor, cond: Cond | None, batch: int) -> Tensor:
         """Noise embedding ``(B, emb_dim)``: MLP of the sinusoidal ``c_noise`` plus pooled and label terms."""
-        c_noise = c_noise.reshape(-1).expand(batch) if c_noise.numel() == 1 else c_noise.reshape(batch)
-        emb = self.time_mlp(sinusoidal_embedding(c_noise, self.time_dim).to(self.conv_in.weight.dtype))
-        if self.pooled_proj is not None and cond is not None and cond.pooled is not None:
-            emb = emb + self.pooled_proj(cond.pooled.to(emb.dtype))
+        emb = self.time_mlp(c_noise, batch)
+        pooled = pooled_vector(cond, like=emb) if self.pooled_proj is not None else None
+        if pooled is not None:
+            emb = emb + self.pooled_proj(pooled)
         if self.label_emb is not None:
-            labels = cond.labels if cond is not None and cond.labels is not None else None
-            if labels is None:  # no label given: the null label, as classifier-free guidance expects
-                labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=emb.device)
-            emb = emb + self.label_emb(labels.long())
+            emb = emb + self.label_emb(cond, batch)
         return emb
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
-        """``x``: ``(B, in_channels, *dims)`` of any sizes; ``c_noise``: ``(B,)``; returns ``(B, out_channels, *dims)``."""
-        if x.ndim != self.dims + 2:
-            raise ValueError(
-                f"ConvUNet(dims={self.dims}) takes (B, C, {', '.join('d' * self.dims)}) tensors of rank "
-                f"{self.dims + 2}, got shape {tuple(x.shape)}; set backbone.dims to the data's spatial rank"
-            )
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"ConvUNet expects {self.in_channels} channels, got shape {tuple(x.shape)}")
-        tokens = cond.tokens if cond is not None else None
-        mask = cond.mask if cond is not None else None
+        """``x``: ``(B, C, *dims)`` of any sizes; ``c_noise``: ``(B,)``; returns ``(B, out_channels, *dims)``."""
+        self.check_input(x)
+        tokens, mask = (None, None) if self.cross_attention_dim is None else cond_tokens(
+            cond, dim=self.cross_attention_dim, like=x)
         emb = self.embed(c_noise, cond, x.shape[0])
         attend = lambda layer, h: layer(h, tokens, mask) if isinstance(layer, CrossAttention) else h  # noqa: E731
 

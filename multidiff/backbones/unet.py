@@ -1,77 +1,76 @@
-"""Wrappers over diffusers' conditional UNets behind the backbone signature."""
+"""diffusers' ``UNet2DConditionModel`` behind the backbone signature, for rank-2 items (images, spectrograms)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multidiff.backbones.base import Backbone
+from multidiff.backbones.conditioning import attention_context, class_labels, pooled_vector
+from multidiff.backbones.diffusers_unet import DiffusersUNet
 from multidiff.core.cond import Cond
 
 
-class UNet2DCond(Backbone):
+class UNet2DCond(DiffusersUNet):
     """diffusers ``UNet2DConditionModel`` with text cross-attention (and optional class labels).
 
+    Takes items ``shape = (C, H, W)`` (any ``H, W`` at run time: see :meth:`forward`).
     ``cond.tokens`` ``(B, L, cross_attention_dim)`` feed cross-attention, ``cond.mask`` masks the
-    padding, ``cond.labels`` (with ``num_class_embeds``) add a class embedding, and with
-    ``pooled_cond=True`` ``cond.pooled`` ``(B, cross_attention_dim)`` joins the timestep embedding
-    (diffusers' ``time_cond_proj_dim``): a global path that reaches every resnet block, beside the
-    cross-attention that only the ``CrossAttn*`` resolutions see. ``coord_axes`` appends a fixed
-    coordinate channel (``linspace(-1, 1)``) along the listed spatial axes (0: height, 1: width)
-    to the input: convolutions and attention are blind to absolute position (they only sense it
-    through boundary effects), and on a spectrogram the row *is* the pitch. Use it only on axes
-    whose size is fixed (the mel axis, not time: a coordinate would tie content to the length). Keep attention
-    blocks (``CrossAttn*``) at the low resolutions: at full resolution a CPU step is ~8x slower.
-    All other keyword arguments go to ``UNet2DConditionModel``.
+    padding, ``cond.labels`` (with ``num_classes``; none given means the null label) add a class
+    embedding to the timestep embedding, and with ``pooled_dim`` ``cond.pooled`` ``(B, pooled_dim)``
+    joins the timestep embedding (diffusers' ``time_cond_proj_dim``): a global path that reaches every
+    resnet block, beside the cross-attention that only the ``CrossAttn*`` resolutions see.
+    ``coord_axes`` appends a fixed coordinate channel (``linspace(-1, 1)``) along the listed spatial
+    axes (0: height, 1: width) to the input: convolutions and attention are blind to absolute
+    position (they only sense it through boundary effects), and on a spectrogram the row *is* the
+    pitch. Use it only on axes whose size is fixed (the mel axis, not time: a coordinate would tie
+    content to the length). Keep attention blocks (``CrossAttn*``) at the low resolutions: at full
+    resolution a CPU step is ~8x slower.
+
+    Args:
+        num_heads: attention heads per block (an int or one per block); diffusers calls this
+            ``attention_head_dim`` but ``UNet2DConditionModel`` reads it as a head *count*.
+        norm_groups: GroupNorm groups; must divide every ``block_out_channels`` entry.
+        **kwargs: passed to ``UNet2DConditionModel``.
     """
 
-    weights_name = "diffusion_pytorch_model.safetensors"
+    ranks = (2,)
 
     def __init__(
         self,
         *,
-        sample_size: int | tuple[int, int] = 16,
-        in_channels: int = 1,
+        shape: Sequence[int],
         out_channels: int | None = None,
-        block_out_channels: tuple[int, ...] = (64, 128, 128),
-        down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels: Sequence[int] = (64, 128, 128),
+        down_block_types: Sequence[str] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types: Sequence[str] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         layers_per_block: int = 2,
         cross_attention_dim: int = 384,
-        attention_head_dim: int = 8,
-        norm_num_groups: int = 32,
-        num_class_embeds: int | None = None,
-        pooled_cond: bool = False,
-        coord_axes: tuple[int, ...] = (),
+        num_heads: int | Sequence[int] = 8,
+        norm_groups: int = 32,
+        num_classes: int | None = None,
+        pooled_dim: int | None = None,
+        coord_axes: Sequence[int] = (),
         **kwargs,
     ) -> None:
-        super().__init__()
         from diffusers import UNet2DConditionModel
 
-        self.unet = UNet2DConditionModel(
-            # plain ints: the config is saved as JSON (a spectrogram's [n_mels, frames] arrives as a ListConfig)
-            sample_size=sample_size if isinstance(sample_size, int) else tuple(int(s) for s in sample_size),
-            in_channels=in_channels + len(coord_axes),
-            out_channels=out_channels or in_channels,
-            block_out_channels=tuple(block_out_channels),
-            down_block_types=tuple(down_block_types),
-            up_block_types=tuple(up_block_types),
-            layers_per_block=layers_per_block,
-            cross_attention_dim=cross_attention_dim,
-            attention_head_dim=attention_head_dim,
-            norm_num_groups=norm_num_groups,
-            num_class_embeds=None if num_class_embeds is None else num_class_embeds + 1,  # + null label
-            time_cond_proj_dim=cross_attention_dim if pooled_cond else None,
-            **kwargs,
-        )
-        self.cross_attention_dim, self.pooled_cond = cross_attention_dim, pooled_cond
-        self.coord_axes = tuple(int(a) for a in coord_axes)
-        if any(a not in (0, 1) for a in self.coord_axes) or len(set(self.coord_axes)) != len(self.coord_axes):
+        axes = tuple(int(a) for a in coord_axes)
+        if any(a not in (0, 1) for a in axes) or len(set(axes)) != len(axes):
             raise ValueError(f"backbone.coord_axes={list(coord_axes)} is invalid: list distinct spatial axes, "
                              "0 (height, e.g. the mel axis) and/or 1 (width)")
+        super().__init__(
+            shape=shape, unet_class=UNet2DConditionModel, out_channels=out_channels,
+            block_out_channels=block_out_channels, down_block_types=down_block_types, up_block_types=up_block_types,
+            layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim, norm_groups=norm_groups,
+            pooled_dim=pooled_dim, extra_in_channels=len(axes),
+            attention_head_dim=num_heads if isinstance(num_heads, int) else tuple(int(n) for n in num_heads),
+            num_class_embeds=None if num_classes is None else num_classes + 1,  # + the null label
+            **kwargs,
+        )
+        self.num_classes, self.coord_axes = num_classes, axes
 
     @property
     def size_multiple(self) -> int:
@@ -82,6 +81,7 @@ class UNet2DCond(Backbone):
         """``x``: ``(B, C, H, W)`` of any ``H, W``; sizes that are not a multiple of
         :attr:`size_multiple` (e.g. spectrograms of an arbitrary duration) are padded at the end
         and the output cropped back, so every size gets the same aligned grid as training."""
+        self.check_input(x)
         h, w = x.shape[-2:]
         if self.coord_axes:
             x = torch.cat([x, *self._coordinates(x)], 1)
@@ -95,22 +95,18 @@ class UNet2DCond(Backbone):
         return self._forward(x, c_noise, cond)
 
     def _forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
-        tokens = mask = labels = pooled = None
-        if cond is not None:
-            tokens, mask, labels, pooled = cond.tokens, cond.mask, cond.labels, cond.pooled
-        if tokens is None:  # label-only or unconditional: one zero token to attend to
-            tokens = x.new_zeros(x.shape[0], 1, self.cross_attention_dim)
-            mask = None
-        out = self.unet(
+        tokens, mask = attention_context(cond, dim=self.cross_attention_dim, like=x)
+        labels = None if self.num_classes is None else class_labels(
+            cond, batch=x.shape[0], num_classes=self.num_classes, device=x.device)
+        return self.unet(
             x,
             c_noise,
-            encoder_hidden_states=tokens.to(x.dtype),
+            encoder_hidden_states=tokens,
             encoder_attention_mask=None if mask is None else mask.to(x.dtype),
             class_labels=labels,
-            timestep_cond=self._pooled(x, pooled),
+            timestep_cond=pooled_vector(cond, like=x) if self.pooled_dim is not None else None,
             return_dict=False,
         )[0]
-        return out
 
     def _coordinates(self, x: Tensor) -> list[Tensor]:
         """One ``(B, 1, H, W)`` channel per ``coord_axes`` entry, ``-1 .. 1`` along that axis."""
@@ -121,20 +117,3 @@ class UNet2DCond(Backbone):
             ramp = torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) if n > 1 else x.new_zeros(1)
             out.append((ramp.view(1, 1, n, 1) if axis == 0 else ramp.view(1, 1, 1, n)).expand(b, 1, h, w))
         return out
-
-    def _pooled(self, x: Tensor, pooled: Tensor | None) -> Tensor | None:
-        if not self.pooled_cond:
-            return None
-        if pooled is None:  # label-only or unconditional: the null vector
-            return x.new_zeros(x.shape[0], self.cross_attention_dim)
-        return pooled.to(x.dtype)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        self.unet.save_pretrained(str(directory), safe_serialization=True)
-
-    def load_pretrained(self, directory: str | Path) -> None:
-        from safetensors.torch import load_file
-
-        self.unet.load_state_dict(load_file(Path(directory) / self.weights_name))
-
-

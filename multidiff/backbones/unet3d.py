@@ -13,12 +13,14 @@ ModelScope, AnimateDiff).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from multidiff.backbones.base import Backbone
+from multidiff.backbones.conditioning import LabelEmbedding, attention_bias, attention_context, pooled_vector
+from multidiff.backbones.diffusers_unet import DiffusersUNet
 from multidiff.core.cond import Cond
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 TEMPORAL_KEYS = ("temp_convs.", "temp_attentions.", "transformer_in.")
 """Parameter-name fragments of the temporal layers (everything else is spatial)."""
 NEW_CONDITION_KEYS = ("time_embedding.cond_proj.",)
-"""Weights the video model may have beyond the image model's (``pooled_cond``); inflated as zeros."""
+"""Weights the video model may have beyond the image model's (``pooled_dim``); inflated as zeros."""
 
 
 class InflationError(ValueError):
@@ -53,32 +55,35 @@ def _masked_cross_attention_processor():
     return MaskedCrossAttnProcessor()
 
 
-class UNet3DCond(Backbone):
+class UNet3DCond(DiffusersUNet):
     """diffusers ``UNet3DConditionModel`` with text cross-attention; ``forward(x, c_noise, cond)``.
 
-    ``x`` is ``(B, C, T, H, W)``; ``cond.tokens`` ``(B, L, cross_attention_dim)`` feed the spatial
-    cross-attention of every frame with ``cond.mask`` ``(B, L)`` masking the padding; with
-    ``num_class_embeds``, ``cond.labels`` ``(B,)`` become one learned token. Any ``T`` works (the
-    temporal layers are convolutions and attention), so a model trained on 8 frames can be asked
-    for 16. Keep ``CrossAttn*`` blocks at low resolutions: attention is the CPU's bottleneck.
+    Takes items ``shape = (C, T, H, W)``; ``x`` is ``(B, C, T, H, W)`` of any ``T, H, W`` (the
+    temporal layers are convolutions and attention, so a model trained on 8 frames can be asked
+    for 16). ``cond.tokens`` ``(B, L, cross_attention_dim)`` feed the spatial cross-attention of
+    every frame with ``cond.mask`` ``(B, L)`` masking the padding; with ``num_classes``,
+    ``cond.labels`` ``(B,)`` (none given: the null label) become one learned token after the text.
+    Keep ``CrossAttn*`` blocks at low resolutions: attention is the CPU's bottleneck.
 
     Args:
-        attention_head_dim: channels per attention head: a block of width ``w`` has
-            ``w / attention_head_dim`` heads (in ``UNet3DConditionModel`` this really is the head
-            width, while ``UNet2DConditionModel`` reads the same name as a head *count*).
-        norm_num_groups: group-norm groups; must divide every block width.
-        init_from: a trained 2-D image model to inflate (an exported ``RUN/model`` directory, its
-            ``backbone/`` folder or the ``.safetensors`` file of a ``UNet2DCond``) with the same
-            widths, layers and attention placement; ``None`` starts from random weights.
-        zero_init_temporal: ``True``: every temporal layer starts as the identity (the temporal
-            attention output projections and the last temporal convolutions at zero), so an
-            inflated model starts out as the image model on every frame. ``False``: all temporal
-            layers start random, so frames interact from the first step (from scratch there is no
-            image model to preserve, and identity temporal layers make a clip of independent
-            frames that only slowly learns to agree). ``None`` (default): ``True`` exactly when
-            ``init_from`` is given.
-        pooled_cond: also add ``cond.pooled`` to the timestep embedding (through
-            ``time_cond_proj_dim``), a global conditioning path beside cross-attention.
+        head_dim: channels per attention head: a block of width ``w`` has ``w / head_dim`` heads,
+            and the input temporal transformer has 8 heads of this width (diffusers calls it
+            ``attention_head_dim``, which here really is the head width, while
+            ``UNet2DConditionModel`` reads the same name as a head *count*).
+        norm_groups: group-norm groups; must divide every block width.
+        init_from: a trained 2-D image model to inflate in :meth:`prepare_training` (an exported
+            ``RUN/model`` directory, its ``backbone/`` folder or the ``.safetensors`` file of a
+            ``UNet2DCond``) with the same widths, layers and attention placement; ``None`` starts
+            from random weights. The constructor never reads it, so a trained model loads without it.
+        zero_init_temporal: ``True``: :meth:`prepare_training` sets every temporal layer to the
+            identity (the temporal attention output projections and the last temporal convolutions
+            at zero), so an inflated model starts out as the image model on every frame.
+            ``False``: all temporal layers stay random, so frames interact from the first step
+            (from scratch there is no image model to preserve, and identity temporal layers make a
+            clip of independent frames that only slowly learns to agree). ``None`` (default):
+            ``True`` exactly when ``init_from`` is given.
+        pooled_dim: width of ``cond.pooled`` to add to the timestep embedding (through
+            ``time_cond_proj_dim``), a global conditioning path beside cross-attention; ``None``: off.
         temporal_conv_depth: convolutions in each of diffusers' ``TemporalConvLayer`` s (it has 4,
             each GroupNorm + SiLU + a 3-tap conv over time; fewer keep the first ``depth - 1`` and
             the last). On small clips these layers are most of the cost (about a third of a
@@ -91,98 +96,68 @@ class UNet3DCond(Backbone):
         **kwargs: passed to ``UNet3DConditionModel``.
     """
 
-    weights_name = "diffusion_pytorch_model.safetensors"
+    ranks = (3,)
 
     def __init__(
         self,
         *,
-        sample_size: int = 16,
-        in_channels: int = 1,
+        shape: Sequence[int],
         out_channels: int | None = None,
-        block_out_channels: tuple[int, ...] = (32, 64, 64),
-        down_block_types: tuple[str, ...] = ("DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
-        up_block_types: tuple[str, ...] = ("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"),
+        block_out_channels: Sequence[int] = (32, 64, 64),
+        down_block_types: Sequence[str] = ("DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+        up_block_types: Sequence[str] = ("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"),
         layers_per_block: int = 1,
         cross_attention_dim: int = 384,
-        attention_head_dim: int = 4,
-        norm_num_groups: int = 16,
-        num_class_embeds: int | None = None,
+        head_dim: int = 4,
+        norm_groups: int = 16,
+        num_classes: int | None = None,
+        pooled_dim: int | None = None,
         init_from: str | None = None,
         zero_init_temporal: bool | None = None,
-        pooled_cond: bool = False,
         temporal_conv_depth: int = 4,
         input_temporal_attention: bool = True,
         **kwargs,
     ) -> None:
-        super().__init__()
         from diffusers import UNet3DConditionModel
 
-        self.unet = UNet3DConditionModel(
-            sample_size=sample_size,
-            in_channels=in_channels,
-            out_channels=out_channels or in_channels,
-            block_out_channels=tuple(block_out_channels),
-            down_block_types=tuple(down_block_types),
-            up_block_types=tuple(up_block_types),
-            layers_per_block=layers_per_block,
-            cross_attention_dim=cross_attention_dim,
-            attention_head_dim=attention_head_dim,
-            norm_num_groups=norm_num_groups,
-            time_cond_proj_dim=cross_attention_dim if pooled_cond else None,
-            **kwargs,
+        super().__init__(
+            shape=shape, unet_class=UNet3DConditionModel, out_channels=out_channels,
+            block_out_channels=block_out_channels, down_block_types=down_block_types, up_block_types=up_block_types,
+            layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim, norm_groups=norm_groups,
+            pooled_dim=pooled_dim, attention_head_dim=head_dim, **kwargs,
         )
         self.unet.set_attn_processor(_masked_cross_attention_processor())
         prune_temporal_layers(self.unet, temporal_conv_depth, input_temporal_attention)
-        self.cross_attention_dim, self.pooled_cond = cross_attention_dim, pooled_cond
-        # one learned token per class (+ the null label) for label conditioning
-        self.label_tokens = None if num_class_embeds is None else nn.Embedding(num_class_embeds + 1, cross_attention_dim)
-        if zero_init_temporal is None:
-            zero_init_temporal = init_from is not None
-        if zero_init_temporal:
-            zero_temporal_outputs(self.unet)
-        else:
+        # UNet3DConditionModel has no class embedding: a label becomes one learned cross-attention token
+        self.label_tokens = None if num_classes is None else LabelEmbedding(num_classes, self.cross_attention_dim)
+        self.init_from = None if init_from is None else str(init_from)
+        self.zero_init_temporal = init_from is not None if zero_init_temporal is None else bool(zero_init_temporal)
+        if not self.zero_init_temporal:
+            # diffusers zeroes the last temporal convolutions; from scratch they start random. Not drawn
+            # when prepare_training zeroes them anyway, so the global random stream stays as it was.
             randomize_temporal_outputs(self.unet)
-        if init_from is not None:
-            self.inflate_from(init_from)
+
+    def prepare_training(self) -> None:
+        """Identity temporal layers (``zero_init_temporal``), then inflation from ``init_from`` if set."""
+        if self.zero_init_temporal:
+            zero_temporal_outputs(self.unet)
+        if self.init_from is not None:
+            self.inflate_from(self.init_from)
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
         """``x`` ``(B, C, T, H, W)``, ``c_noise`` ``(B,)`` -> ``(B, C, T, H, W)``."""
-        if x.ndim != 5:
-            raise ValueError(f"UNet3DCond takes clips (B, C, T, H, W), got shape {tuple(x.shape)}")
-        tokens, mask, pooled = self._tokens(x, cond)
-        frames = x.shape[2]
-        bias = None
-        if mask is not None:  # additive bias as UNet2DConditionModel builds it, repeated for every frame
-            bias = ((1 - mask.to(x.dtype)) * -10000.0)[:, None, :].repeat_interleave(frames, dim=0)
+        self.check_input(x)
+        label = None if self.label_tokens is None else self.label_tokens(cond, x.shape[0])[:, None]
+        tokens, mask = attention_context(cond, dim=self.cross_attention_dim, like=x, extra=label)
         return self.unet(
             x,
             c_noise,
-            encoder_hidden_states=tokens.to(x.dtype),
-            timestep_cond=pooled,
-            cross_attention_kwargs={"encoder_bias": bias},
+            encoder_hidden_states=tokens,
+            timestep_cond=pooled_vector(cond, like=x) if self.pooled_dim is not None else None,
+            # the padding mask as an additive bias, repeated for every frame (see the processor)
+            cross_attention_kwargs={"encoder_bias": attention_bias(mask, dtype=x.dtype, repeat=x.shape[2])},
             return_dict=False,
         )[0]
-
-    def _tokens(self, x: Tensor, cond: Cond | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        b = x.shape[0]
-        tokens = mask = pooled = None
-        if cond is not None:
-            tokens, mask, pooled = cond.tokens, cond.mask, cond.pooled
-            if cond.labels is not None and self.label_tokens is not None:
-                label = self.label_tokens(cond.labels)[:, None]
-                label_mask = torch.ones(b, 1, dtype=torch.bool, device=x.device)
-                if tokens is None:
-                    tokens, mask = label, None
-                else:
-                    tokens = torch.cat([tokens.to(label.dtype), label], 1)
-                    mask = None if mask is None else torch.cat([mask.bool(), label_mask], 1)
-        if tokens is None:  # unconditional: one zero token to attend to
-            tokens, mask = x.new_zeros(b, 1, self.cross_attention_dim), None
-        if self.pooled_cond:
-            pooled = x.new_zeros(b, self.cross_attention_dim) if pooled is None else pooled.to(x.dtype)
-        else:
-            pooled = None
-        return tokens, mask, pooled
 
     def inflate_from(self, source: str | Path) -> None:
         """Copy the spatial weights of a trained ``UNet2DConditionModel`` (see ``init_from``) and keep the
@@ -238,26 +213,10 @@ class UNet3DCond(Backbone):
         if heads != wanted:
             log.warning(
                 "%s splits attention into %s heads per block, this video backbone into %s (width / "
-                "attention_head_dim); the weights are copied, but train the image model with "
-                "backbone.attention_head_dim=%s for an exact frame-by-frame start", weights, list(heads),
+                "head_dim); the weights are copied, but train the image model with "
+                "backbone.num_heads=%s for an exact frame-by-frame start", weights, list(heads),
                 list(wanted), list(wanted),
             )
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """diffusers' layout (``config.json`` + safetensors); the label tokens, if any, beside it."""
-        from safetensors.torch import save_file
-
-        self.unet.save_pretrained(str(directory), safe_serialization=True)
-        if self.label_tokens is not None:
-            weight = self.label_tokens.weight.detach().contiguous().cpu()
-            save_file({"weight": weight}, Path(directory) / "label_tokens.safetensors")
-
-    def load_pretrained(self, directory: str | Path) -> None:
-        from safetensors.torch import load_file
-
-        self.unet.load_state_dict(load_file(Path(directory) / self.weights_name))
-        if self.label_tokens is not None:
-            self.label_tokens.load_state_dict(load_file(Path(directory) / "label_tokens.safetensors"))
 
 
 class _NoTemporalAttention(nn.Module):
@@ -285,18 +244,23 @@ def prune_temporal_layers(unet: nn.Module, conv_depth: int = 4, input_attention:
 
 
 def zero_temporal_outputs(unet: nn.Module) -> None:
-    """Zero the output projection of every temporal transformer so it adds nothing at first.
+    """Make every temporal layer the identity: zero the output projection of each temporal
+    transformer and the last convolution of each ``TemporalConvLayer``.
 
-    ``TransformerTemporalModel`` returns ``proj_out(...) + residual``; with ``proj_out = 0`` it is the
-    identity, as diffusers' ``TemporalConvLayer`` already is (its last convolution starts at zero).
-    Gradients still reach ``proj_out``, so the temporal layers learn from the first step.
+    ``TransformerTemporalModel`` returns ``proj_out(...) + residual`` and ``TemporalConvLayer``
+    returns ``identity + conv4(...)``; with those at zero both add nothing at first (diffusers
+    itself starts ``conv4`` at zero; zeroing it again keeps this true after any re-initialisation).
+    Gradients still reach them, so the temporal layers learn from the first step.
     """
+    from diffusers.models.resnet import TemporalConvLayer
     from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 
     for module in unet.modules():
-        if isinstance(module, TransformerTemporalModel):
-            nn.init.zeros_(module.proj_out.weight)
-            nn.init.zeros_(module.proj_out.bias)
+        out = (module.proj_out if isinstance(module, TransformerTemporalModel)
+               else module.conv4[-1] if isinstance(module, TemporalConvLayer) else None)
+        if out is not None:
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
 
 
 def randomize_temporal_outputs(unet: nn.Module) -> None:

@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from multidiff.cli.compose import ConfigError, require
+from multidiff.cli.compose import ConfigError, config_root, require
 from multidiff.configuration import safe_instantiate
 
-SHAPE_OPTIONS = ("duration", "num_frames", "fps")
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def route_options(overrides: list[str]) -> list[str]:
+    """``name=value`` for a name that is not a key of ``generate`` -> ``+options.name=value``.
+
+    The model's modality declares its own generation options (``duration=1.5``, ``num_frames=16``,
+    a new modality's ``length=256``); the CLI passes them through without knowing any. Names the
+    model does not declare are refused once the model is loaded, with the list of those it does.
+    """
+    known = set(OmegaConf.load(config_root() / "conf" / "generate.yaml")) | {"sampler", "hydra"}
+    return [f"+options.{o}" if _PLAIN_KEY.match(o) and o.split("=", 1)[0] not in known else o for o in overrides]
+
+
+def model_help(cfg: DictConfig) -> str:
+    """The generation options of ``cfg.model``'s modality, one per line, with the model's defaults."""
+    from multidiff.pipeline import read_model_config
+
+    model = require(cfg, "model", "an exported model directory (RUN/model) or a checkpoint (.ckpt)")
+    model_cfg = read_model_config(str(model))
+    trusted = [str(t) for t in cfg.get("trusted_targets") or []]
+    adapter = safe_instantiate(model_cfg.modality, trusted=trusted, source=str(model))
+    options = adapter.generation_options()
+    lines = [f"generation options of {model} ({type(adapter).__name__}), as name=value:"]
+    lines += [f"  {o.describe()}" for o in options] or ["  (none)"]
+    formats = adapter.formats or (adapter.suffix.lstrip("."),)
+    lines.append(f"  format: one of {', '.join(formats)} (default {adapter.suffix.lstrip('.')})")
+    return "\n".join(lines)
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -60,17 +88,22 @@ def run(cfg: DictConfig) -> list[Path]:
         compile=bool(cfg.get("compile", False)),
         compile_options=OmegaConf.to_container(compile_options, resolve=True) if compile_options else None,
     )
-    options = {k: cfg[k] for k in SHAPE_OPTIONS if cfg.get(k) is not None}
+    options = OmegaConf.to_container(cfg.get("options") or OmegaConf.create({}), resolve=True)
     try:
+        if cfg.get("format"):  # before sampling: a wrong file type should not cost a generation
+            pipe.adapter.check_format(str(cfg.format))
         samples = pipe.generate(
             prompts, num_samples=num_samples, seed=int(cfg.seed), sampler=sampler, sampler_name=cfg.sampler.name,
             steps=steps, guidance_scale=float(guidance), negative_prompt=cfg.get("negative_prompt"),
             batch_size=batch_size, **options,
         )
-    except GenerationError as e:
-        raise ConfigError(str(e)) from None
-    suffix = f".{cfg.format}" if cfg.get("format") else None
-    paths = pipe.save(samples, out, overwrite=bool(cfg.overwrite), model=str(model), suffix=suffix, **options)
+        paths = pipe.save(samples, out, overwrite=bool(cfg.overwrite), model=str(model), format=cfg.get("format"))
+    except (GenerationError, ValueError) as e:
+        message = str(e)
+        if message.startswith("unknown generation option"):
+            keys = ", ".join(k for k in OmegaConf.load(config_root() / "conf" / "generate.yaml") if k != "defaults")
+            message += f". (generate's own keys: {keys}, sampler)"
+        raise ConfigError(message) from None
     print(f"wrote {len(paths)} file(s) and metadata.jsonl to {out}")
     return paths
 

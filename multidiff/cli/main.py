@@ -19,6 +19,7 @@ COMMANDS = ("train", "generate", "recipes")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from multidiff.backbones.base import BackboneShapeError
     from multidiff.cli.compose import ConfigError
     from multidiff.cli.train import TrainingStopped
     from multidiff.conditioning.text import ConditioningError
@@ -27,7 +28,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from multidiff.pipeline import GenerationError, ModelLoadError
 
     return (ConfigError, ConditioningError, UnsafeConfigError, DatasetError, GenerationError, ModelLoadError,
-            TrainingStopped)
+            TrainingStopped, BackboneShapeError)
 
 
 def _user_error(e: BaseException) -> str | None:
@@ -56,6 +57,22 @@ def _list_recipes() -> None:
         print(f"{group}:", ", ".join(available(group)))
 
 
+def _model_help(args: list[str]) -> int:
+    """``multidiff generate model=DIR --help``: the model's own generation options."""
+    try:
+        from multidiff.cli.compose import compose
+        from multidiff.cli.generate import model_help, route_options
+
+        print(model_help(compose("generate", route_options(args))))
+        return 0
+    except Exception as e:  # noqa: BLE001 - same policy as main()
+        message = str(e) if isinstance(e, _known_errors()) else _user_error(e)
+        if message is None:
+            raise
+        print(f"multidiff generate: error: {message}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -70,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
+        if command == "generate" and any(a.startswith("model=") for a in args):
+            return _model_help([a for a in args if a not in ("-h", "--help", "--cfg")])
         return 0
     print_cfg = "--cfg" in args
     overrides = [a for a in args if a != "--cfg"]
@@ -77,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         from multidiff.cli.compose import compose
         from multidiff.cli.terminal import setup
 
+        if command == "generate":
+            from multidiff.cli.generate import route_options
+
+            overrides = route_options(overrides)
         cfg = compose(command, overrides)
         setup(verbose=bool(cfg.get("verbose", False)))
         if command == "train":

@@ -32,8 +32,14 @@ class _DropAdvertisement(logging.Filter):
 _ADVERTISEMENT = _DropAdvertisement()
 
 
+_hf_bar_switched_off = False  # whether setup() switched transformers' progress bar off (verbose turns it back)
+
+
 def setup(*, verbose: bool = False) -> None:
-    """Configure the terminal for one command; safe to call more than once in a process.
+    """Configure the terminal for one command; the only place multidiff installs warning filters.
+
+    Each call sets the whole state afresh: calling it again stacks no handler or filter, and a
+    later call with another ``verbose`` undoes what the earlier one did (in-process runs, tests).
 
     multidiff's own loggers get one handler (and do not propagate, so nothing prints twice);
     Lightning keeps the single console handler it installs for itself. The root logger is left
@@ -47,16 +53,28 @@ def setup(*, verbose: bool = False) -> None:
         log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+    _show_dependency_noise(verbose)
+
+
+def _show_dependency_noise(shown: bool) -> None:
+    """Show (``verbose``) or filter the dependency messages listed above."""
+    global _hf_bar_switched_off
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if verbose:
+    if shown:
         rank_zero.removeFilter(_ADVERTISEMENT)
-        return
-    rank_zero.addFilter(_ADVERTISEMENT)  # idempotent for the same filter object
+    else:
+        rank_zero.addFilter(_ADVERTISEMENT)  # idempotent for the same filter object
     for message, module in DEPENDENCY_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, module=module)
+        # filterwarnings drops an identical entry before putting this one first: one entry per action
+        # and pattern however often this runs, and the latest call's action decides
+        warnings.filterwarnings("default" if shown else "ignore", message=message, module=module)
     try:  # a 0.0 s "Loading weights" bar for the frozen text encoder at every command
         from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     except ImportError:
-        pass
+        return
+    if not shown:
+        _hf_bar_switched_off = _hf_bar_switched_off or hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+    elif _hf_bar_switched_off:
+        hf_logging.enable_progress_bar()
+        _hf_bar_switched_off = False

@@ -22,6 +22,7 @@ from multidiff.training.faults import (
     SignalAtStep,
     save_full_checkpoint,
 )
+from multidiff.training.options import OptionError, TrainingOptions
 
 log = logging.getLogger("multidiff.train")
 
@@ -56,87 +57,66 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def _validate(cfg: DictConfig) -> None:
-    checks = [
-        ("trainer.max_steps", lambda v: isinstance(v, int) and (v > 0 or v == -1), "a positive integer"),
-        ("data.batch_size", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
-        ("conditioning.dropout", lambda v: isinstance(v, int | float) and 0 <= v < 1, "a number in [0, 1)"),
-        ("training.ema_decay", lambda v: isinstance(v, int | float) and 0 <= v < 1, "a number in [0, 1)"),
-        ("training.slice_dim", lambda v: isinstance(v, int) and v >= 1, "an item axis >= 1 (0 is the channels)"),
-        ("training.slice_sigma_scale", lambda v: isinstance(v, int | float) and v > 0, "a number > 0 (1 = unchanged)"),
-    ]
-    for key, ok, what in checks:
+RUN_CHECKS = [  # keys outside training.* that a run reads before anything is built
+    ("trainer.max_steps", lambda v: isinstance(v, int) and not isinstance(v, bool) and (v > 0 or v == -1),
+     "a positive integer (or -1 with max_epochs)"),
+    ("data.batch_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    ("conditioning.dropout", lambda v: isinstance(v, int | float) and 0 <= v < 1, "a number in [0, 1)"),
+]
+
+
+def read_options(cfg: DictConfig) -> TrainingOptions:
+    """The run's typed training options, and the few other keys it reads up front, checked in one pass."""
+    for key, ok, what in RUN_CHECKS:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not ok(value):
             raise ConfigError(f"{key}={value!r} is invalid: it must be {what}")
-    sliced, batch = OmegaConf.select(cfg, "training.slice_items", default=0), cfg.data.batch_size
-    if sliced is not None and not (isinstance(sliced, int) and 0 <= sliced < batch):
-        raise ConfigError(
-            f"training.slice_items={sliced!r} is invalid: it must be a whole number from 0 (off) to data.batch_size - 1 "
-            f"({batch - 1}); it says how many of each batch's {batch} items train on one slice (e.g. one frame of a clip)"
-        )
+    try:
+        return TrainingOptions.from_config(cfg.get("training"))
+    except OptionError as e:
+        raise ConfigError(str(e)) from None
 
 
-def _check_slicing(cfg: DictConfig, adapter) -> None:
-    """training.slice_items needs an item axis to slice: one of the modality's (C, ...) beyond the channels."""
-    if not cfg.training.get("slice_items"):
-        return
-    dim, shape = cfg.training.get("slice_dim", 1), tuple(adapter.sample_shape())
-    if dim >= len(shape) or len(shape) < 4:  # _validate has made dim an integer >= 1
-        raise ConfigError(
-            f"training.slice_dim={dim!r} does not name a slicing axis of this modality's items {shape} "
-            f"({type(adapter).__name__}): training.slice_items trains single slices of items with more than two "
-            "axes beyond the channels, e.g. single frames (slice_dim=1) of video clips (C, T, H, W); "
-            "set training.slice_items=0 or use a modality whose items have such an axis"
-        )
-
-
-def build(cfg: DictConfig, run_dir: Path):
-    """Everything ``trainer.fit`` needs, built from the config."""
-    import lightning as L
-
+def build(cfg: DictConfig, run_dir: Path, options: TrainingOptions | None = None):
+    """Everything ``trainer.fit`` needs: model parts, module, data module, trainer."""
     from multidiff.pipeline import build_parts
     from multidiff.training.data import DiffusionDataModule
     from multidiff.training.module import DiffusionModule
 
-    trusted = trusted_prefixes(cfg)
-    make = partial(safe_instantiate, trusted=trusted, source="train config")
+    options = options or read_options(cfg)
+    make = partial(safe_instantiate, trusted=trusted_prefixes(cfg), source="train config")
     parts = build_parts(cfg, source="train config")
-    _check_slicing(cfg, parts.adapter)
-    datamodule = DiffusionDataModule(
-        partial(make, cfg.data.dataset, adapter=parts.adapter),
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.get("num_workers", 0),
-        seed=cfg.seed,
-    )
+    try:
+        options.check_batch(cfg.data.batch_size, tuple(parts.adapter.shape))
+    except OptionError as e:
+        raise ConfigError(f"{e} ({type(parts.adapter).__name__})") from None
+    parts.denoiser.backbone.prepare_training()  # e.g. inflate from an image model (backbone.init_from)
+    datamodule = DiffusionDataModule(partial(make, cfg.data.dataset, adapter=parts.adapter),
+                                     batch_size=cfg.data.batch_size, num_workers=cfg.data.get("num_workers", 0), seed=cfg.seed)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    batch = batch_plan(cfg, trainer_kwargs)
     module = DiffusionModule(
-        parts.denoiser,
-        make(cfg.diffusion.noise),
-        parts.conditioner,
-        make(cfg.optimizer, lr=batch["lr"]),
+        parts.denoiser, make(cfg.diffusion.noise), parts.conditioner,
+        make(cfg.optimizer, lr=batch_plan(cfg, trainer_kwargs)["lr"]),
         make(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
-        cond_dropout=cfg.conditioning.get("dropout", 0.1),
-        ema_decay=cfg.training.ema_decay,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        cond_dropout=cfg.conditioning.dropout, training=options, config=OmegaConf.to_container(cfg, resolve=True),
         seed=cfg.seed,
-        nonfinite=cfg.training.get("nonfinite", "stop"),
-        inject_nan_at_step=cfg.training.get("inject_nan_at_step"),
-        channels_last=bool(cfg.training.get("channels_last", False)),
-        compile=bool(cfg.training.get("compile", False)),
-        compile_options=OmegaConf.to_container(cfg.training.compile_options, resolve=True)
-        if cfg.training.get("compile_options") else None,
-        slice_items=cfg.training.get("slice_items", 0) or 0,
-        slice_dim=cfg.training.get("slice_dim", 1),
-        slice_sigma_scale=cfg.training.get("slice_sigma_scale", 1.0),
     )
-    ckpt = cfg.callbacks.get("checkpoint", {})
+    callbacks = build_callbacks(cfg, parts, options, run_dir, make, progress=trainer_kwargs.get("enable_progress_bar", True))
+    logger = make(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
+    return parts, module, datamodule, build_trainer(trainer_kwargs, run_dir, callbacks, logger)
+
+
+def build_callbacks(cfg: DictConfig, parts, options: TrainingOptions, run_dir: Path, make, *, progress: bool) -> list:
+    """Fault handling, checkpoints (``last.ckpt`` + periodic), sample previews and the progress bar."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from multidiff.training.callbacks import StepProgressBar
+
+    every = cfg.callbacks.checkpoint.every_n_steps if "checkpoint" in cfg.callbacks else 0
     last = run_dir / "checkpoints" / "last.ckpt"
-    callbacks = [GracefulStop(last), LastCheckpoint(last, ckpt.get("every_n_steps", 0)),
-                 NonFiniteGuard(cfg.training.get("nonfinite", "stop"))]
-    if cfg.training.get("inject_signal_at_step") is not None:
-        callbacks.append(SignalAtStep(cfg.training.inject_signal_at_step, cfg.training.get("inject_signal", "SIGTERM")))
+    callbacks = [GracefulStop(last), LastCheckpoint(last, every), NonFiniteGuard(options.nonfinite)]
+    if options.inject_signal_at_step is not None:
+        callbacks.append(SignalAtStep(options.inject_signal_at_step, options.inject_signal))
     samples_cfg = cfg.callbacks.get("samples")
     # A recipe may tune previews (callbacks.samples.every_n_steps) that callbacks=none switched off:
     # without a _target_ there is no callback to tune, so there are no previews.
@@ -146,40 +126,32 @@ def build(cfg: DictConfig, run_dir: Path):
             parts.schedule.sigmas(cb.steps)
         except ValueError as e:
             raise ConfigError(f"callbacks.samples.steps={cb.steps!r} is invalid: {e}") from None
-        sampler = make(cfg.sampler.fn)
-        callbacks.append(cb.bind(adapter=parts.adapter, schedule=parts.schedule, sampler=sampler, run_dir=run_dir))
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    callbacks.append(
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="step_{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=ckpt.get("every_n_steps", 0) or None,
-            save_top_k=ckpt.get("keep_last", 1),
-            monitor="step",
-            mode="max",
-            save_last=False,  # LastCheckpoint keeps last.ckpt, written inside the loop (see there)
-        )
-    )
-    if trainer_kwargs.get("enable_progress_bar", True):
-        from multidiff.training.callbacks import StepProgressBar
-
+        callbacks.append(cb.bind(adapter=parts.adapter, schedule=parts.schedule, sampler=make(cfg.sampler.fn),
+                                 run_dir=run_dir))
+    keep = cfg.callbacks.checkpoint.get("keep_last", 1) if "checkpoint" in cfg.callbacks else 1
+    callbacks.append(ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="step_{step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=every or None, save_top_k=keep, monitor="step", mode="max",
+        save_last=False,  # LastCheckpoint keeps last.ckpt, written inside the loop (see there)
+    ))
+    if progress:
         callbacks.append(StepProgressBar())
-    logger = make(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
+    return callbacks
+
+
+def build_trainer(trainer_kwargs: dict, run_dir: Path, callbacks: list, logger):
+    """The Lightning Trainer of ``trainer.*``, with one paragraph for settings it refuses."""
+    import lightning as L
+
     try:
-        trainer = L.Trainer(
-            **trainer_kwargs,
-            default_root_dir=str(run_dir),
-            callbacks=callbacks,
-            logger=logger,
+        return L.Trainer(
+            **trainer_kwargs, default_root_dir=str(run_dir), callbacks=callbacks, logger=logger,
             plugins=[AtomicCheckpointIO()],
             use_distributed_sampler=False,  # our batch sampler shards itself and resumes mid-epoch
         )
     except (ValueError, TypeError, MisconfigurationException) as e:
         raise ConfigError(f"invalid trainer settings ({', '.join(f'{k}={v}' for k, v in trainer_kwargs.items())}): "
                           f"{str(e).splitlines()[0]}") from None
-    return parts, module, datamodule, trainer
 
 
 def batch_plan(cfg: DictConfig, trainer_kwargs: dict) -> dict:
@@ -197,11 +169,9 @@ def batch_plan(cfg: DictConfig, trainer_kwargs: dict) -> dict:
         n_dev = max(1, torch.cuda.device_count())
     world = n_dev * int(trainer_kwargs.get("num_nodes", 1))
     global_batch = cfg.data.batch_size * world * int(trainer_kwargs.get("accumulate_grad_batches", 1))
-    scaling = cfg.training.get("lr_scaling", "none")
-    base = cfg.training.get("base_batch_size", global_batch)
-    factor = {"none": 1.0, "linear": global_batch / base, "sqrt": (global_batch / base) ** 0.5}.get(scaling)
-    if factor is None:
-        raise ConfigError(f"training.lr_scaling={scaling!r} is invalid: choose none, linear or sqrt")
+    options = read_options(cfg)
+    base = options.base_batch_size or global_batch
+    factor = {"none": 1.0, "linear": global_batch / base, "sqrt": (global_batch / base) ** 0.5}[options.lr_scaling]
     return {"world_size": world, "global_batch": global_batch, "lr": float(cfg.optimizer.lr) * factor}
 
 
@@ -284,17 +254,28 @@ def check_resume_matches(path: str | Path, state: dict, module) -> None:
 
 def run(cfg: DictConfig) -> Path:
     """Train and export; returns the run directory."""
+    options = read_options(cfg)
+    previous = os.environ.get(RUN_DIR_ENV)  # set by a launcher when this is a distributed worker
+    run_dir = resolve_run_dir(cfg)
+    try:
+        return _train(cfg, run_dir, options)
+    finally:  # the pin is for this run's workers only: a later run in this process chooses its own
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
+
+
+def _train(cfg: DictConfig, run_dir: Path, options: TrainingOptions) -> Path:
     import lightning as L
 
     from multidiff.pipeline import export_model
 
-    _validate(cfg)
-    run_dir = resolve_run_dir(cfg)
     cfg.run_dir = str(run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path = find_resume_checkpoint(cfg, run_dir)
     resume_state = read_resume_checkpoint(ckpt_path) if ckpt_path else None  # a bad file costs no model load
-    parts, module, datamodule, trainer = build(cfg, run_dir)
+    parts, module, datamodule, trainer = build(cfg, run_dir, options)
     if ckpt_path:  # before config.yaml is rewritten: a refused checkpoint's run keeps its config
         check_resume_matches(ckpt_path, resume_state, module)
     del resume_state

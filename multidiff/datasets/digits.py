@@ -4,16 +4,16 @@ with paraphrased captions, materialized deterministically as PNGs + ``metadata.j
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from multidiff.adapters.base import Adapter
 from multidiff.adapters.image import ImageAdapter
-from multidiff.datasets.folder import CaptionFolder
+from multidiff.datasets.folder import CaptionFolder, DatasetError
+from multidiff.datasets.materialize import materialize
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -36,50 +36,54 @@ def digit_caption(digit: int, template: int = 0) -> str:
     return TEMPLATES[template % len(TEMPLATES)].format(name=DIGIT_NAMES[digit], d=digit)
 
 
-def digits_images(size: int = 16) -> tuple[torch.Tensor, np.ndarray]:
-    """All 1,797 digits as ``(N, 1, size, size)`` float in ``[0, 1]`` (ink bright) and their labels."""
+def digits_images(size: int | tuple[int, int] = 16) -> tuple[torch.Tensor, np.ndarray]:
+    """All 1,797 digits as ``(N, 1, H, W)`` float in ``[0, 1]`` (ink bright) and their labels.
+
+    ``size``: the side ``H = W``, or ``(H, W)``; the 8x8 originals are resized bicubically.
+    """
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.from_numpy(d.images).float()[:, None] / 16.0
-    if size != 8:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if hw != (8, 8):
+        x = F.interpolate(x, size=hw, mode="bicubic", align_corners=False).clamp(0, 1)
     return x, d.target
 
 
-def materialize_digits(root: str | Path, size: int = 16, seed: int = 0) -> Path:
-    """Write ``root/digits-{size}/`` (PNGs + metadata.jsonl) once; return that folder.
+def materialize_digits(root: str | Path, *, size: int | tuple[int, int] = 16, seed: int = 0) -> Path:
+    """Write the digits at ``size`` (PNGs + ``metadata.jsonl``) under ``root`` once; return their folder.
 
-    Deterministic: the same files and captions on every machine. Written to a temporary folder
-    and renamed, so an interrupted run never leaves a half-written dataset.
+    Deterministic: the same files and captions on every machine. ``seed`` picks each digit's
+    caption paraphrase. One folder per ``(size, seed)`` (:func:`~multidiff.datasets.materialize.materialize`).
     """
-    folder = Path(root) / f"digits-{size}"
-    stamp = folder / ".complete"
-    if stamp.is_file() and stamp.read_text() == str(_VERSION):
-        return folder
-    images, labels = digits_images(size)
-    rng = np.random.default_rng(seed)
-    templates = rng.integers(0, len(TEMPLATES), len(labels))
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    adapter = ImageAdapter(size=size, channels=1)
-    with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as f:
-        for i, (img, label) in enumerate(zip(images, labels)):
-            name = f"{i:04d}.png"
-            adapter.save(img, tmp / name)
-            row = {"file_name": name, "text": digit_caption(int(label), int(templates[i])), "label": int(label)}
-            f.write(json.dumps(row) + "\n")
-    (tmp / ".complete").write_text(str(_VERSION))
-    if stamp.is_file() and stamp.read_text() == str(_VERSION):  # another process won the race
-        shutil.rmtree(tmp)
-        return folder
-    if folder.exists():  # a stale or partial copy: replace it
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+    hw = [size, size] if isinstance(size, int) else [int(s) for s in size]
+
+    def write(folder: Path) -> None:
+        images, labels = digits_images(tuple(hw))
+        templates = np.random.default_rng(seed).integers(0, len(TEMPLATES), len(labels))
+        adapter = ImageAdapter(size=tuple(hw), channels=1)
+        with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
+            for i, (img, label) in enumerate(zip(images, labels)):
+                name = f"{i:04d}.png"
+                adapter.save(img, folder / name)
+                row = {"file_name": name, "text": digit_caption(int(label), int(templates[i])), "label": int(label)}
+                f.write(json.dumps(row) + "\n")
+
+    return materialize(root, "digits", {"version": _VERSION, "size": hw, "seed": seed}, write)
 
 
-def digits_dataset(root: str | Path = "data", size: int = 16, adapter: ImageAdapter | None = None, **kwargs) -> CaptionFolder:
-    """The embedded digits as a :class:`CaptionFolder` (materialized under ``root`` on first use)."""
-    adapter = adapter or ImageAdapter(size=size, channels=1)
-    return CaptionFolder(materialize_digits(root, size), adapter, **kwargs)
+def digits_dataset(root: str | Path = "data", *, adapter: Adapter, seed: int = 0, **kwargs) -> CaptionFolder:
+    """The embedded digits as a :class:`CaptionFolder`, materialized under ``root`` on first use.
+
+    The image size is the adapter's (``adapter.shape`` is ``(C, H, W)``); the files are grayscale
+    (an RGB adapter repeats the channel). ``seed`` picks the caption paraphrases. Other keyword
+    arguments go to :class:`CaptionFolder` (``cache``, ``on_error``).
+    """
+    shape = tuple(adapter.shape)
+    if len(shape) != 3:
+        raise DatasetError(
+            f"the digits dataset is images (C, H, W) but the modality's adapter makes tensors of shape {shape}; "
+            "use modality=image with data=digits"
+        )
+    return CaptionFolder(materialize_digits(root, size=shape[1:], seed=seed), adapter, **kwargs)

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from multidiff.adapters.video import VideoAdapter, write_video
+from multidiff.adapters.base import Adapter
+from multidiff.adapters.video import write_video
 from multidiff.datasets.digits import DIGIT_NAMES, digits_images
 from multidiff.datasets.folder import CaptionFolder, DatasetError
+from multidiff.datasets.materialize import materialize
 
 DIRECTIONS: dict[str, tuple[int, int]] = {
     "left": (0, -1),
@@ -94,18 +94,43 @@ def _start(rng: np.random.Generator, velocity: int, free: int, travel: int) -> i
     return int(rng.integers(lo, hi + 1))
 
 
-def render_clip(digit: np.ndarray, ys: list[int], xs: list[int], canvas: int) -> np.ndarray:
-    """Paste ``digit`` ``(s, s)`` at top-left corners ``(ys[t], xs[t])`` of a black canvas: ``(T, canvas, canvas)``."""
+def render_clip(digit: np.ndarray, ys: list[int], xs: list[int], canvas: int | tuple[int, int]) -> np.ndarray:
+    """Paste ``digit`` ``(s, s)`` at top-left corners ``(ys[t], xs[t])`` of a black canvas ``H x W``
+    (``canvas``: the side, or ``(H, W)``): ``(T, H, W)``."""
+    h, w = _hw(canvas)
     s = digit.shape[0]
-    clip = np.zeros((len(ys), canvas, canvas), dtype=np.float32)
+    clip = np.zeros((len(ys), h, w), dtype=np.float32)
     for t, (y, x) in enumerate(zip(ys, xs)):
         clip[t, y : y + s, x : x + s] = digit
     return clip
 
 
+def _hw(canvas: int | tuple[int, int]) -> tuple[int, int]:
+    return (canvas, canvas) if isinstance(canvas, int) else (int(canvas[0]), int(canvas[1]))
+
+
+def check_room(*, canvas: int | tuple[int, int], digit_size: int, num_frames: int, speed: int,
+               directions: tuple[str, ...]) -> None:
+    """Refuse settings under which a clip could not move its captioned way for its first half."""
+    unknown = [d for d in directions if d not in DIRECTIONS]
+    if unknown or not directions:
+        raise DatasetError(f"unknown moving_digits direction(s) {unknown}; choose from {', '.join(DIRECTIONS)}")
+    h, w = _hw(canvas)
+    need = first_half_steps(num_frames) * speed
+    for axis, side in ((0, h), (1, w)):
+        moves = any(DIRECTIONS[d][axis] != 0 for d in directions)
+        if side - digit_size < (need if moves else 0):
+            raise DatasetError(
+                f"a {digit_size}px digit on a {h}x{w}px frame can move {side - digit_size}px "
+                f"{'down' if axis == 0 else 'across'}, but {num_frames} frames at speed {speed} need {need}px before "
+                "the first bounce; enlarge the frames (modality.size), or lower data.dataset.digit_size, "
+                "data.dataset.speed or modality.num_frames"
+            )
+
+
 def synthesize(
     *,
-    canvas: int = 16,
+    canvas: int | tuple[int, int] = 16,
     digit_size: int = 8,
     num_frames: int = 8,
     speed: int = 1,
@@ -113,22 +138,16 @@ def synthesize(
     num_digits: int | None = None,
     seed: int = 0,
 ):
-    """Yield ``(clip (1, T, canvas, canvas) in [0, 1], row)`` for every digit image x direction.
+    """Yield ``(clip (1, T, H, W) in [0, 1], row)`` for every digit image x direction.
 
-    ``row`` holds the caption and the ground truth: ``label``, ``direction``, per-frame top-left
-    corners ``ys``/``xs``. Deterministic in ``seed``; ``num_digits`` keeps the first scikit-learn digits.
+    ``canvas`` is the frame side or ``(H, W)``. ``row`` holds the caption and the ground truth:
+    ``label``, ``direction``, per-frame top-left corners ``ys``/``xs``. Deterministic in ``seed``;
+    ``num_digits`` keeps the first scikit-learn digits.
     """
-    unknown = [d for d in directions if d not in DIRECTIONS]
-    if unknown or not directions:
-        raise DatasetError(f"unknown moving_digits direction(s) {unknown}; choose from {', '.join(DIRECTIONS)}")
-    travel = canvas - digit_size
+    check_room(canvas=canvas, digit_size=digit_size, num_frames=num_frames, speed=speed, directions=directions)
+    h, w = _hw(canvas)
+    travel_y, travel_x = h - digit_size, w - digit_size
     free = first_half_steps(num_frames)
-    if travel < free * speed:
-        raise DatasetError(
-            f"a {digit_size}px digit on a {canvas}px canvas can move {travel}px, but {num_frames} frames at "
-            f"speed {speed} need {free * speed}px before the first bounce; enlarge data.dataset.canvas or "
-            "lower speed or num_frames"
-        )
     images, labels = digits_images(digit_size)
     images = images[:, 0].numpy()
     if num_digits is not None:
@@ -137,11 +156,11 @@ def synthesize(
     for i, (img, label) in enumerate(zip(images, labels)):
         for direction in directions:
             dy, dx = DIRECTIONS[direction]
-            y0, x0 = _start(rng, dy * speed, free, travel), _start(rng, dx * speed, free, travel)
-            ys = bounce_path(y0, dy * speed, num_frames - 1, travel)
-            xs = bounce_path(x0, dx * speed, num_frames - 1, travel)
+            y0, x0 = _start(rng, dy * speed, free, travel_y), _start(rng, dx * speed, free, travel_x)
+            ys = bounce_path(y0, dy * speed, num_frames - 1, travel_y)
+            xs = bounce_path(x0, dx * speed, num_frames - 1, travel_x)
             template = int(rng.integers(0, len(TEMPLATES)))
-            clip = render_clip(img, ys, xs, canvas)[None]
+            clip = render_clip(img, ys, xs, (h, w))[None]
             row = {"text": moving_caption(int(label), direction, template), "label": int(label),
                    "direction": direction, "digit_index": i, "ys": ys, "xs": xs}
             yield torch.from_numpy(clip), row
@@ -150,7 +169,7 @@ def synthesize(
 def materialize_moving_digits(
     root: str | Path,
     *,
-    canvas: int = 16,
+    canvas: int | tuple[int, int] = 16,
     digit_size: int = 8,
     num_frames: int = 8,
     speed: int = 1,
@@ -159,37 +178,27 @@ def materialize_moving_digits(
     num_digits: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write ``root/moving_digits-.../`` (GIF clips + ``metadata.jsonl``) once; return that folder.
+    """Write the clips (GIFs + ``metadata.jsonl``) under ``root`` once; return their folder.
 
-    The folder name holds every setting, so different settings never share files. Written to a
-    temporary folder and renamed, so an interrupted run never leaves a half-written dataset.
-    GIF is lossless for grayscale, so the clips read back exactly as synthesized.
+    One folder per setting (:func:`~multidiff.datasets.materialize.materialize`). GIF is lossless
+    for grayscale, so the clips read back exactly as synthesized; ``fps`` is their playback rate.
     """
     directions = tuple(directions)
-    name = f"moving_digits-c{canvas}-d{digit_size}-t{num_frames}-s{speed}-{'_'.join(directions)}-fps{fps:g}-seed{seed}"
-    if num_digits is not None:
-        name += f"-n{num_digits}"
-    folder = Path(root) / name
-    stamp = folder / ".complete"
-    if stamp.is_file() and stamp.read_text() == str(_VERSION):
-        return folder
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    (tmp / "clips").mkdir(parents=True, exist_ok=True)
-    with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as f:
-        clips = synthesize(canvas=canvas, digit_size=digit_size, num_frames=num_frames, speed=speed,
-                           directions=directions, num_digits=num_digits, seed=seed)
-        for k, (clip, row) in enumerate(clips):
-            file_name = f"clips/{k:05d}.gif"
-            write_video(clip, tmp / file_name, fps=fps)
-            f.write(json.dumps({"file_name": file_name, **row}) + "\n")
-    (tmp / ".complete").write_text(str(_VERSION))
-    if stamp.is_file() and stamp.read_text() == str(_VERSION):  # another process won the race
-        shutil.rmtree(tmp)
-        return folder
-    if folder.exists():  # a stale or partial copy: replace it
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+    options = dict(canvas=_hw(canvas), digit_size=digit_size, num_frames=num_frames, speed=speed,
+                   directions=directions, num_digits=num_digits, seed=seed)
+    check_room(canvas=canvas, digit_size=digit_size, num_frames=num_frames, speed=speed, directions=directions)
+
+    def write(folder: Path) -> None:
+        (folder / "clips").mkdir()
+        with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
+            for k, (clip, row) in enumerate(synthesize(**options)):
+                file_name = f"clips/{k:05d}.gif"
+                write_video(clip, folder / file_name, fps=fps)
+                f.write(json.dumps({"file_name": file_name, **row}) + "\n")
+
+    settings = {"version": _VERSION, **options, "canvas": list(options["canvas"]), "directions": list(directions),
+                "fps": float(fps)}
+    return materialize(root, "moving_digits", settings, write)
 
 
 def read_rows(folder: str | Path) -> list[dict]:
@@ -201,29 +210,30 @@ def read_rows(folder: str | Path) -> list[dict]:
 def moving_digits_dataset(
     root: str | Path = "data",
     *,
-    canvas: int = 16,
+    adapter: Adapter,
     digit_size: int = 8,
-    num_frames: int = 8,
     speed: int = 1,
     directions: tuple[str, ...] = ("left", "right", "up", "down"),
-    fps: float = 8.0,
     num_digits: int | None = None,
     seed: int = 0,
-    adapter: VideoAdapter | None = None,
     **kwargs,
 ) -> CaptionFolder:
-    """The embedded moving digits as a :class:`CaptionFolder` (materialized under ``root`` on first use).
+    """The embedded moving digits as a :class:`CaptionFolder`, materialized under ``root`` on first use.
 
-    ``adapter`` (the run's video adapter) must take no more frames than a clip has; the defaults
-    match ``conf/modality/video.yaml``. Other keyword arguments go to :class:`CaptionFolder`.
+    The clips take their frame size, length and playback rate from the adapter: ``adapter.shape``
+    is ``(C, T, H, W)``, the clips are ``H x W`` and hold the ``(T - 1) * frame_stride + 1``
+    frames the adapter reads (every frame when ``frame_stride`` is 1), at ``adapter.fps``.
+    ``digit_size`` (px), ``speed`` (px per frame), ``directions``, ``num_digits`` and ``seed``
+    choose the motion; other keyword arguments go to :class:`CaptionFolder`.
     """
-    adapter = adapter or VideoAdapter(size=canvas, channels=1, num_frames=num_frames, fps=fps)
-    span = (adapter.num_frames - 1) * adapter.frame_stride + 1
-    if span > num_frames:
+    shape = tuple(adapter.shape)
+    if len(shape) != 4:
         raise DatasetError(
-            f"modality.num_frames={adapter.num_frames} with frame_stride={adapter.frame_stride} needs {span} "
-            f"frames but moving_digits clips have {num_frames}; set data.dataset.num_frames={span} or lower them"
+            f"the moving_digits dataset is clips (C, T, H, W) but the modality's adapter makes tensors of shape "
+            f"{shape}; use modality=video with data=moving_digits"
         )
-    folder = materialize_moving_digits(root, canvas=canvas, digit_size=digit_size, num_frames=num_frames,
+    num_frames = (shape[1] - 1) * int(getattr(adapter, "frame_stride", 1)) + 1
+    fps = float(getattr(adapter, "fps", 8.0))
+    folder = materialize_moving_digits(root, canvas=shape[2:], digit_size=digit_size, num_frames=num_frames,
                                        speed=speed, directions=directions, fps=fps, num_digits=num_digits, seed=seed)
     return CaptionFolder(folder, adapter, **kwargs)

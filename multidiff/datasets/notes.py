@@ -10,24 +10,22 @@ Families (each a classic synthesis recipe, so the data is small but real audio):
 - ``brass``: all harmonics (sawtooth-like) whose brightness opens during the attack;
 - ``bell``: a struck, decaying bell-like tone whose upper partials die away first.
 
-Also here: :func:`estimate_f0`, a YIN pitch tracker on the waveform, independent of the mel
-analysis, used by the tests and ``benchmarks/audio_notes_quality.py`` to check pitch.
+The measurements made on such notes (a YIN pitch tracker, the log-mel normalization statistics)
+live in :mod:`multidiff.evaluation.audio`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from multidiff.adapters.audio import AudioAdapter, fit_samples
-from multidiff.datasets.folder import CaptionFolder
+from multidiff.adapters.base import Adapter
+from multidiff.datasets.folder import CaptionFolder, DatasetError
+from multidiff.datasets.materialize import materialize
 
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 
@@ -98,11 +96,6 @@ def note_midi(name: str) -> int:
 def note_frequency(midi: int | float) -> float:
     """Equal temperament, A4 = 440 Hz."""
     return 440.0 * 2.0 ** ((midi - 69) / 12)
-
-
-def cents(frequency: float, reference: float) -> float:
-    """Signed distance in cents (a semitone is 100)."""
-    return 1200.0 * math.log2(frequency / reference)
 
 
 def note_caption(family: str, midi: int, template: int = 0) -> str:
@@ -274,120 +267,47 @@ def note_specs(*, low: str = "A3", high: str = "A5", variants: int = 8) -> list[
 
 def materialize_notes(root: str | Path, *, sample_rate: int = 16000, duration: float = 1.024, low: str = "A3",
                       high: str = "A5", variants: int = 8, seed: int = 0) -> Path:
-    """Write ``root/notes-{sample_rate}hz-{hash}/`` (WAVs + metadata.jsonl) once; return that folder.
+    """Write the notes (WAVs + ``metadata.jsonl``) under ``root`` once; return their folder.
 
-    Deterministic: the same audio and captions on every machine. Written to a temporary folder
-    and renamed, so an interrupted run never leaves a half-written dataset.
+    Deterministic: the same audio and captions on every machine. One folder per setting
+    (:func:`~multidiff.datasets.materialize.materialize`).
     """
-    import soundfile as sf
+    def write(folder: Path) -> None:
+        import soundfile as sf
 
-    settings = {"v": _VERSION, "sr": sample_rate, "dur": duration, "low": low, "high": high, "var": variants,
-                "seed": seed}
-    tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    folder = Path(root) / f"notes-{sample_rate}hz-{tag}"
-    stamp = folder / ".complete"
-    if stamp.is_file() and stamp.read_text() == str(_VERSION):
-        return folder
-    specs = note_specs(low=low, high=high, variants=variants)
-    rng = np.random.default_rng(seed)
-    offsets = rng.integers(0, 6, len(specs))  # which paraphrase each variant starts from
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as f:
-        for i, spec in enumerate(specs):
-            name = f"{i:04d}.wav"
-            sf.write(str(tmp / name), synthesize(spec, sample_rate=sample_rate, duration=duration, seed=seed),
-                     sample_rate, subtype="PCM_16")
-            row = {"file_name": name, "text": note_caption(spec.family, spec.midi, spec.variant + int(offsets[i])),
-                   "family": spec.family, "midi": spec.midi, "note": note_name(spec.midi),
-                   "frequency": round(note_frequency(spec.midi), 3)}
-            f.write(json.dumps(row) + "\n")
-    (tmp / "settings.json").write_text(json.dumps(settings, sort_keys=True))
-    (tmp / ".complete").write_text(str(_VERSION))
-    if stamp.is_file() and stamp.read_text() == str(_VERSION):  # another process won the race
-        shutil.rmtree(tmp)
-        return folder
-    if folder.exists():  # a stale or partial copy: replace it
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+        specs = note_specs(low=low, high=high, variants=variants)
+        offsets = np.random.default_rng(seed).integers(0, 6, len(specs))  # which paraphrase each variant starts from
+        with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
+            for i, spec in enumerate(specs):
+                name = f"{i:04d}.wav"
+                sf.write(str(folder / name), synthesize(spec, sample_rate=sample_rate, duration=duration, seed=seed),
+                         sample_rate, subtype="PCM_16")
+                row = {"file_name": name, "text": note_caption(spec.family, spec.midi, spec.variant + int(offsets[i])),
+                       "family": spec.family, "midi": spec.midi, "note": note_name(spec.midi),
+                       "frequency": round(note_frequency(spec.midi), 3)}
+                f.write(json.dumps(row) + "\n")
+
+    settings = {"version": _VERSION, "sample_rate": sample_rate, "duration": duration, "low": low, "high": high,
+                "variants": variants, "seed": seed}
+    return materialize(root, "notes", settings, write)
 
 
-def notes_dataset(root: str | Path = "data", *, adapter: AudioAdapter | None = None, sample_rate: int = 16000,
-                  duration: float = 1.024, low: str = "A3", high: str = "A5", variants: int = 8, seed: int = 0,
-                  **kwargs) -> CaptionFolder:
-    """The embedded notes as a :class:`CaptionFolder` (materialized under ``root`` on first use).
+def notes_dataset(root: str | Path = "data", *, adapter: Adapter, duration: float = 1.024, low: str = "A3",
+                  high: str = "A5", variants: int = 8, seed: int = 0, **kwargs) -> CaptionFolder:
+    """The embedded notes as a :class:`CaptionFolder`, materialized under ``root`` on first use.
 
-    ``sample_rate`` is the rate the notes are synthesized at (the adapter resamples if it differs).
+    The notes are synthesized at the adapter's ``sample_rate``; ``duration`` is their length in
+    seconds (the adapter crops or pads to its own training length). Other keyword arguments go to
+    :class:`CaptionFolder` (``cache``, ``on_error``).
     """
-    adapter = adapter or AudioAdapter(sample_rate=sample_rate)
-    folder = materialize_notes(root, sample_rate=sample_rate, duration=duration, low=low, high=high,
+    sample_rate = getattr(adapter, "sample_rate", None)
+    whole = isinstance(sample_rate, int | float) and not isinstance(sample_rate, bool) and sample_rate > 0 \
+        and float(sample_rate).is_integer()
+    if not whole:
+        raise DatasetError(
+            f"the notes dataset is audio: it needs an adapter with a whole positive sample_rate (Hz), but "
+            f"{type(adapter).__name__} has sample_rate={sample_rate!r}; use modality=audio with data=notes"
+        )
+    folder = materialize_notes(root, sample_rate=int(sample_rate), duration=duration, low=low, high=high,
                                variants=variants, seed=seed)
     return CaptionFolder(folder, adapter, **kwargs)
-
-
-# -- pitch tracking ------------------------------------------------------------------------------
-
-
-def estimate_f0(wave, sample_rate: int, *, fmin: float = 60.0, fmax: float = 2000.0, frame: int = 1024,
-                hop: int = 256, threshold: float = 0.15, level_db: float = -25.0) -> float:
-    """Fundamental frequency (Hz) of a mostly monophonic waveform by YIN (de Cheveigné & Kawahara 2002).
-
-    Per frame: the difference function, its cumulative-mean normalization (eq. 8), the first dip
-    below ``threshold`` (absolute threshold, step 4) refined by parabolic interpolation (step 5).
-    Returns the median over frames within ``level_db`` of the loudest; ``nan`` if none is voiced.
-
-    Args:
-        wave: ``(samples,)`` array or tensor (any leading singleton dims).
-    """
-    x = np.asarray(wave.detach().cpu() if hasattr(wave, "detach") else wave, dtype=np.float64).reshape(-1)
-    tau_min, tau_max = max(2, int(sample_rate / fmax)), int(math.ceil(sample_rate / fmin))
-    span = frame + tau_max + 1
-    if len(x) < span:
-        x = np.pad(x, (0, span - len(x)))
-    starts = np.arange(0, len(x) - span + 1, hop)
-    segs = np.stack([x[s : s + span] for s in starts])  # (F, span)
-    energy = (segs[:, :frame] ** 2).sum(1)
-    keep = energy >= energy.max() * 10 ** (level_db / 10) if energy.max() > 0 else np.zeros(len(starts), bool)
-    size = 1 << int(math.ceil(math.log2(span + frame)))
-    head = np.fft.rfft(segs[:, :frame], size)
-    corr = np.fft.irfft(np.conj(head) * np.fft.rfft(segs, size), size)[:, : tau_max + 1]
-    csum = np.concatenate([np.zeros((len(segs), 1)), np.cumsum(segs**2, 1)], 1)
-    taus = np.arange(tau_max + 1)
-    shifted = csum[:, taus + frame] - csum[:, taus]  # energy of the window shifted by tau
-    d = energy[:, None] + shifted - 2 * corr
-    d[:, 0] = 0
-    cmndf = np.ones_like(d)
-    cmndf[:, 1:] = d[:, 1:] * taus[1:] / np.maximum(np.cumsum(d[:, 1:], 1), 1e-12)
-    f0s = []
-    for row, raw, voiced in zip(cmndf, d, keep):
-        if not voiced:
-            continue
-        below = np.nonzero(row[tau_min:] < threshold)[0]
-        if len(below) == 0:
-            continue
-        tau = tau_min + below[0]
-        while tau + 1 <= tau_max and row[tau + 1] < row[tau]:
-            tau += 1
-        if 0 < tau < tau_max:  # parabolic interpolation of the raw difference (the normalized one is biased)
-            a, b, c = raw[tau - 1], raw[tau], raw[tau + 1]
-            denom = a - 2 * b + c
-            tau = tau + (0.5 * (a - c) / denom if denom > 0 else 0.0)
-        f0s.append(sample_rate / tau)
-    return float(np.median(f0s)) if f0s else float("nan")
-
-
-def log_mel_statistics(adapter: AudioAdapter, root: str | Path = "data", **notes_options) -> tuple[float, float]:
-    """Mean and standard deviation of ``ln(mel)`` over the notes at ``adapter``'s analysis settings:
-    the ``mean``/``std`` a modality config should hold. ``conf/modality/audio.yaml`` holds
-    ``log_mel_statistics(AudioAdapter())`` (the adapter's defaults are that file's settings).
-    """
-    folder = materialize_notes(root, sample_rate=adapter.sample_rate, **notes_options)
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
-    total = total_sq = count = 0.0
-    for row in rows:
-        wave = fit_samples(adapter.load(folder / row["file_name"]), adapter.num_samples(), crop=adapter.crop)
-        x = adapter.log_mel(wave).double()
-        total, total_sq, count = total + float(x.sum()), total_sq + float((x**2).sum()), count + x.numel()
-    mean = total / count
-    return mean, math.sqrt(max(total_sq / count - mean**2, 0.0))

@@ -14,14 +14,23 @@ from multidiff.pipeline import sample_prompts
 log = logging.getLogger(__name__)
 
 
+class PreviewsNotBound(RuntimeError):
+    """A :class:`SamplePreviews` was used before :meth:`SamplePreviews.bind` gave it its parts."""
+
+
 class SamplePreviews(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end), sample ``prompts`` with the EMA
     denoiser and write a preview grid to ``run_dir/samples/step_NNNNNN`` and the logger.
 
-    The adapter, schedule and sampler are handed over by the training entry point; the callback
-    itself knows no modality: it calls ``adapter.decode``, ``adapter.write_previews`` and, when
-    the adapter has one, ``adapter.log_media`` (modality-specific media for the logger).
+    The adapter, schedule, sampler and run directory are handed over by the training entry point
+    with :meth:`bind` (``multidiff train`` does it); a callback that was never bound stops
+    ``trainer.fit`` at its start with a :class:`PreviewsNotBound` naming what is missing, instead of
+    training without previews. The callback itself knows no modality: it calls ``adapter.decode``,
+    ``adapter.write_previews`` and, when the adapter has one, ``adapter.log_media``
+    (modality-specific media for the logger).
     """
+
+    BOUND = ("adapter", "schedule", "sampler", "run_dir")
 
     def __init__(
         self,
@@ -41,7 +50,21 @@ class SamplePreviews(L.Callback):
 
     def bind(self, *, adapter, schedule, sampler, run_dir: str | Path) -> SamplePreviews:
         self.adapter, self.schedule, self.sampler, self.run_dir = adapter, schedule, sampler, Path(run_dir)
+        self.check_bound()
         return self
+
+    def check_bound(self) -> None:
+        """Raise :class:`PreviewsNotBound` unless :meth:`bind` gave every part."""
+        missing = [name for name in self.BOUND if getattr(self, name) is None]
+        if missing:
+            raise PreviewsNotBound(
+                f"SamplePreviews has no {', '.join(missing)}: call .bind(adapter=..., schedule=..., sampler=..., "
+                "run_dir=...) before Trainer.fit (multidiff train does this; a Trainer built by hand must too)"
+            )
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":  # fail before the first step, not silently at the first preview
+            self.check_bound()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -54,8 +77,9 @@ class SamplePreviews(L.Callback):
 
     @torch.no_grad()
     def write(self, trainer, pl_module) -> Path | None:
+        self.check_bound()
         self._last_step = trainer.global_step
-        if not trainer.is_global_zero or self.adapter is None or not self.prompts:
+        if not trainer.is_global_zero or not self.prompts:
             return None
         flat = [p for p in self.prompts for _ in range(self.num_per_prompt)]
         seeds = [self.seed + k for k in range(len(flat))]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """``ema <- decay * ema + (1 - decay) * model`` for parameters; buffers are copied."""
-    e_params = [p for p in ema.parameters()]
-    m_params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(e_params, m_params, 1 - decay)
+    ema_params = list(ema.parameters())
+    if ema_params:  # torch's public EMA step: one fused (foreach) lerp over all parameters
+        get_ema_multi_avg_fn(decay)(ema_params, [p.detach() for p in model.parameters()], None)
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
 

@@ -12,16 +12,20 @@ from __future__ import annotations
 import csv
 import os
 
-from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
-class _ContinuingWriter(ExperimentWriter):
+class ContinuingWriter(ExperimentWriter):
     """``ExperimentWriter`` that appends to an existing ``metrics.csv`` (its header included)."""
 
-    def _check_log_dir_exists(self) -> None:  # Lightning's version deletes metrics.csv
+    def _check_log_dir_exists(self) -> None:
+        # The one private Lightning hook in multidiff (Lightning 2.4-2.6): the writer's constructor
+        # calls it to warn about a non-empty directory and delete metrics.csv, and no public argument
+        # turns that off. Overriding it keeps the file; a Lightning that renames it would delete the
+        # file again, which tests/test_loggers.py catches.
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="", encoding="utf-8") as f:
                 header = next(csv.reader(f), [])
@@ -48,15 +52,29 @@ class _ContinuingWriter(ExperimentWriter):
 
 class ResumableCSVLogger(CSVLogger):
     """``lightning.pytorch.loggers.CSVLogger`` that continues ``metrics.csv`` across resumes
-    (same arguments). The training module calls :meth:`resume_at` with the restored step."""
+    (same arguments). The training module calls :meth:`resume_at` with the restored step.
+
+    It keeps its own writer (a :class:`ContinuingWriter`) rather than Lightning's private slot for
+    one, so it overrides the two public members that use that slot: :attr:`experiment` and
+    :meth:`finalize`.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._writer: ContinuingWriter | None = None
 
     @property
     @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
-        return self._experiment
+    def experiment(self) -> ContinuingWriter:
+        if self._writer is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._writer = ContinuingWriter(log_dir=self.log_dir)
+        return self._writer
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._writer is not None:  # a process that never logged has nothing to write
+            self.save()
 
     @rank_zero_only
     def after_save_checkpoint(self, checkpoint_callback) -> None:

@@ -13,6 +13,7 @@ from multidiff.core.cond import Cond
 from multidiff.core.denoiser import Denoiser
 from multidiff.performance import apply_performance_options
 from multidiff.training.ema import ema_decay, ema_update
+from multidiff.training.options import TrainingOptions
 
 
 class DiffusionModule(L.LightningModule):
@@ -25,29 +26,23 @@ class DiffusionModule(L.LightningModule):
         optimizer: ``partial(torch.optim.X, lr=...)`` taking the parameters.
         lr_scheduler: optional ``partial`` taking the optimizer (stepped every optimizer step).
         cond_dropout: probability of training a sample with the null condition (for CFG).
-        ema_decay: maximum EMA decay (with warm-up); the EMA copy is used for sampling and export.
         config: the run's resolved config, stored in every checkpoint for loading without Hydra.
         seed: seeds the module's own generator for noise levels, noise and condition dropout. It is
             re-seeded every batch from ``(seed, epoch, batch index)``, so a resumed run (on
             every rank) draws exactly what the uninterrupted run would have drawn, with no RNG
             state to carry in checkpoints.
-        nonfinite: ``"stop"`` raises on a NaN/inf loss, ``"skip"`` skips that step (counted).
-        inject_nan_at_step: fault injection for tests: make the loss NaN at this optimizer step.
-        slice_items: of every per-device batch, the last ``slice_items`` items are trained on one
-            random index along item axis ``slice_dim`` (kept as a length-1 axis) beside the whole
-            items, in the same step; 0 = off. With clips ``(C, T, H, W)`` and ``slice_dim=1`` these
-            are single frames: joint image-video training (Ho et al. 2022; Make-A-Video;
-            VideoLDM), where a slice costs about ``1/T`` of an item, so the layers that act within
-            a slice see many more distinct items per step for the same compute.
-        slice_dim: the item axis (0 = channels) that ``slice_items`` slices.
-        slice_sigma_scale: multiplies the noise levels drawn for the sliced items. Whole items keep
-            their content visible at higher noise than one slice of them (their slices are
-            redundant), which is why they may train on a shifted schedule
-            (``diffusion.schedule.shift``); ``1 / shift`` trains the slices on the unshifted levels
-            (the resolution-dependent shift, applied per item).
-        channels_last, compile, compile_options: speed options for the trained backbone
-            (:func:`multidiff.performance.apply_performance_options`); the EMA copy, used for
-            previews and the export, keeps the default layout and is not compiled.
+        training: the typed ``training.*`` options (:class:`~multidiff.training.options.TrainingOptions`,
+            validated there): EMA decay, the non-finite policy, fault drills, slice training, speed
+            options. Slice training (``slice_items``): of every per-device batch, the last
+            ``slice_items`` items train on one random index along item axis ``slice_dim`` (kept as
+            a length-1 axis) beside the whole items, in the same step. With clips ``(C, T, H, W)``
+            and ``slice_dim=1`` these are single frames: joint image-video training (Ho et al.
+            2022; Make-A-Video; VideoLDM), where a slice costs about ``1/T`` of an item.
+            ``slice_sigma_scale`` multiplies the sliced items' noise levels: whole items keep their
+            content visible at higher noise than one slice of them, which is why they may train on
+            a shifted schedule; ``1 / shift`` trains the slices on the unshifted levels. The speed
+            options (:func:`multidiff.performance.apply_performance_options`) apply to the trained
+            backbone; the EMA copy, used for previews and the export, is left as is.
     """
 
     def __init__(
@@ -59,37 +54,19 @@ class DiffusionModule(L.LightningModule):
         lr_scheduler: partial | None = None,
         *,
         cond_dropout: float = 0.1,
-        ema_decay: float = 0.999,
+        training: TrainingOptions | None = None,
         config: DictConfig | dict | None = None,
         seed: int = 0,
-        nonfinite: str = "stop",
-        inject_nan_at_step: int | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
-        compile_options: dict | None = None,
-        slice_items: int = 0,
-        slice_dim: int = 1,
-        slice_sigma_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        self.options = training = training or TrainingOptions()
         self.denoiser = denoiser
         self.ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
-        apply_performance_options(self.denoiser.backbone, channels_last=channels_last, compile=compile,
-                                  compile_options=compile_options)
+        apply_performance_options(self.denoiser.backbone, channels_last=training.channels_last,
+                                  compile=training.compile, compile_options=training.compile_options or None)
         self.noise, self.conditioner = noise, conditioner
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.cond_dropout, self.max_ema_decay = cond_dropout, ema_decay
-        self.config = config
-        if nonfinite not in ("stop", "skip"):
-            raise ValueError(f"training.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
-        self.seed, self.nonfinite, self.inject_nan_at_step = seed, nonfinite, inject_nan_at_step
-        if not (isinstance(slice_items, int) and slice_items >= 0):
-            raise ValueError(f"training.slice_items must be a whole number >= 0 (0 = off), got {slice_items!r}")
-        if not (isinstance(slice_dim, int) and slice_dim >= 1):
-            raise ValueError(f"training.slice_dim must be an item axis >= 1 (0 is the channels), got {slice_dim!r}")
-        if not (isinstance(slice_sigma_scale, int | float) and slice_sigma_scale > 0):
-            raise ValueError(f"training.slice_sigma_scale must be a number > 0 (1 = unchanged), got {slice_sigma_scale!r}")
-        self.slice_items, self.slice_dim, self.slice_sigma_scale = slice_items, slice_dim, float(slice_sigma_scale)
+        self.cond_dropout, self.config, self.seed = cond_dropout, config, seed
         self.skipped_steps = 0
         self._rng: torch.Generator | None = None
 
@@ -128,12 +105,12 @@ class DiffusionModule(L.LightningModule):
         else:  # e.g. noise shared in part across a clip's frames
             noise = prior.sample(shape, generator=rng, device=x0.device)[rank::world]
         noise = noise.to(x0.dtype)
-        if self.slice_items:
+        if self.options.slice_items:
             per_sample = self._sliced_loss(x0, sigma, noise, cond, rng, world, rank)
         else:
             per_sample = self.denoiser.loss(x0, sigma, noise, cond)
         loss = per_sample.mean()
-        if self.inject_nan_at_step is not None and self.global_step == self.inject_nan_at_step:
+        if self.global_step == self.options.inject_nan_at_step:
             loss = loss * float("nan")
         if not torch.isfinite(loss):
             return self._nonfinite(loss)
@@ -148,15 +125,11 @@ class DiffusionModule(L.LightningModule):
         batch on every rank (rank r holds global rows r::world), and the indices are drawn for the
         global batch, so R processes still compute what one process computes.
         """
-        axis = self.slice_dim + 1  # the tensor axis, after the batch axis
-        if axis >= x0.ndim:
-            raise ValueError(
-                f"training.slice_dim={self.slice_dim} is not an axis of items of shape {tuple(x0.shape[1:])} "
-                f"(choose 1 to {x0.ndim - 2}), or set training.slice_items=0"
-            )
+        self.options.check_shape(tuple(x0.shape[1:]))
+        axis = self.options.slice_dim + 1  # the tensor axis, after the batch axis
         b, length = x0.shape[0], x0.shape[axis]
         pick = torch.randint(0, length, (b * world,), generator=rng, device=x0.device)[rank::world]
-        k = max(b - self.slice_items, 1)  # at least one whole item per batch (a short last batch may have fewer)
+        k = max(b - self.options.slice_items, 1)  # at least one whole item per batch (a short last batch may have fewer)
         whole = self.denoiser.loss(x0[:k], sigma[:k], noise[:k], cond.index(slice(0, k)))
         if k == b:
             return whole
@@ -164,7 +137,7 @@ class DiffusionModule(L.LightningModule):
         shape[axis] = 1
         index = pick[k:].reshape(-1, *([1] * (x0.ndim - 1))).expand(shape)
         part, part_noise = (torch.gather(t[k:], axis, index) for t in (x0, noise))
-        sliced = self.denoiser.loss(part, sigma[k:] * self.slice_sigma_scale, part_noise, cond.index(slice(k, b)))
+        sliced = self.denoiser.loss(part, sigma[k:] * self.options.slice_sigma_scale, part_noise, cond.index(slice(k, b)))
         self.log("train/loss_whole", whole.mean(), on_step=True, batch_size=k, sync_dist=world > 1)
         self.log("train/loss_sliced", sliced.mean(), on_step=True, batch_size=b - k, sync_dist=world > 1)
         return torch.cat([whole, sliced])
@@ -172,7 +145,7 @@ class DiffusionModule(L.LightningModule):
     def _nonfinite(self, loss: torch.Tensor):
         from multidiff.training.faults import NonFiniteLossError
 
-        if self.nonfinite == "stop":
+        if self.options.nonfinite == "stop":
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at step {self.global_step}; stopped before updating the weights, "
                 "so the last periodic checkpoint is the last good one. Lower optimizer.lr, check the data, or set "
@@ -188,7 +161,7 @@ class DiffusionModule(L.LightningModule):
         # on_train_batch_end (periodic and final checkpoints) run before the module's, so a checkpoint
         # written there would miss this step's update and a run resumed from it would drift.
         # Lightning counts the step after this hook returns: this is step global_step + 1.
-        ema_update(self.ema, self.denoiser, ema_decay(self.global_step + 1, self.max_ema_decay))
+        ema_update(self.ema, self.denoiser, ema_decay(self.global_step + 1, self.options.ema_decay))
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.denoiser.parameters())

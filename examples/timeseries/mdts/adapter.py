@@ -2,8 +2,9 @@
 
 This is the whole modality as multidiff sees it. It implements the five required members of
 :class:`multidiff.adapters.base.Adapter` (``shape``, ``load``, ``encode``, ``decode``, ``save``)
-and overrides three optional ones: ``preview`` (a line plot, so training previews are readable),
-``sample_shape`` / ``metadata`` (``duration=`` at generation time gives longer or shorter series).
+and overrides a few optional ones: ``preview`` (a line plot, so training previews are readable),
+``generation_options`` (its own ``length=`` and ``duration=``, which ``multidiff generate`` passes
+through without knowing them) with ``sample_shape`` / ``metadata`` that read them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mdts.plot import image_to_tensor, plot_series
-from multidiff.adapters.base import Adapter
+from multidiff.adapters.base import Adapter, GenerationOption
 
 
 class TimeSeriesReadError(ValueError):
@@ -41,6 +42,7 @@ class TimeSeriesAdapter(Adapter):
 
     extensions = (".npy", ".csv")
     suffix = ".npy"
+    formats = ("npy", "csv")
 
     def __init__(self, *, channels: int = 2, length: int = 128, sample_rate: float = 64.0, scale: float = 1.0) -> None:
         if channels < 1 or length < 1 or sample_rate <= 0 or scale <= 0:
@@ -111,15 +113,24 @@ class TimeSeriesAdapter(Adapter):
 
     # --- generation options -----------------------------------------------------------------------
 
-    def sample_shape(self, *, duration: float | None = None, **options) -> tuple[int, ...]:
-        """``(C, L)``, with ``L = duration * sample_rate`` when ``duration`` (seconds) is given."""
-        if duration is None:
-            return self.shape
-        length = round(float(duration) * self.sample_rate)
-        if length < 1:
-            raise ValueError(f"duration={duration} s gives no samples at {self.sample_rate} Hz")
-        return (self.channels, length)
+    def generation_options(self) -> tuple[GenerationOption, ...]:
+        """``length`` (samples) or ``duration`` (seconds) of a generated series; the training length by default."""
+        return (
+            GenerationOption("length", int, self.length, "samples per generated series", minimum=0),
+            GenerationOption("duration", float, None, f"seconds per series at {self.sample_rate:g} Hz "
+                             "(instead of length)", minimum=0),
+        )
 
-    def metadata(self, *, duration: float | None = None, **options) -> dict:
-        """Per-sample fields for ``metadata.jsonl``: the sample rate and channel count."""
-        return {"sample_rate": self.sample_rate, "channels": self.channels}
+    def sample_shape(self, *, length: int | None = None, duration: float | None = None, **options) -> tuple[int, ...]:
+        """``(C, L)``: ``L = length``, or ``duration * sample_rate``, or the training length."""
+        if length is not None and duration is not None:
+            raise ValueError(f"length={length} and duration={duration} both set the length of a series: give one")
+        if duration is not None:
+            length = round(duration * self.sample_rate)
+            if length < 1:
+                raise ValueError(f"duration={duration} s gives no samples at {self.sample_rate} Hz")
+        return (self.channels, length or self.length)
+
+    def metadata(self, **options) -> dict:
+        """Per-sample fields for ``metadata.jsonl``: the sample rate, channel count and length."""
+        return {"sample_rate": self.sample_rate, "channels": self.channels, "length": self.sample_shape(**options)[1]}

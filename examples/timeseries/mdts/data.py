@@ -14,15 +14,14 @@ so the same folder convention serves users' real recordings.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from mdts.adapter import TimeSeriesAdapter
 from multidiff.datasets.folder import CaptionFolder
+from multidiff.datasets.materialize import materialize
 
 FREQUENCIES: tuple[int, ...] = tuple(range(1, 9))
 ENVELOPES: tuple[str, ...] = ("rising", "falling", "constant")
@@ -67,36 +66,29 @@ def materialize_sines(root: str | Path, *, channels: int = 2, length: int = 128,
                       per_class: int = 16, seed: int = 0) -> Path:
     """Write the set once under ``root`` (``.npy`` files + ``metadata.jsonl``); return its folder.
 
-    One folder per setting, so changing ``channels`` or ``length`` never reuses stale files; it
-    is written to a temporary folder and renamed, so an interrupted run leaves nothing half-made.
+    multidiff's :func:`~multidiff.datasets.materialize.materialize` keeps one folder per setting,
+    so changing ``channels`` or ``length`` never reuses stale files, and writes it atomically, so
+    an interrupted run leaves nothing half-made.
     There are ``len(FREQUENCIES) * channels * len(ENVELOPES) * per_class`` series.
     """
-    folder = Path(root) / f"sines-c{channels}-l{length}-r{sample_rate:g}-n{per_class}-s{seed}"
-    stamp = folder / ".complete"
-    if stamp.is_file() and stamp.read_text() == str(_VERSION):
-        return folder
-    rng = np.random.default_rng(seed)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for freq in FREQUENCIES:
-        for channel in range(1, channels + 1):
-            for kind in ENVELOPES:
-                for _ in range(per_class):
-                    name = f"{len(rows):05d}.npy"
-                    x = synthesize(freq, channel, kind, channels=channels, length=length, sample_rate=sample_rate, rng=rng)
-                    np.save(tmp / name, x)
-                    rows.append({"file_name": name, "text": caption(freq, channel, kind),
-                                 "frequency": freq, "channel": channel, "envelope": kind})
-    (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (tmp / ".complete").write_text(str(_VERSION))
-    if stamp.is_file() and stamp.read_text() == str(_VERSION):  # another process finished first
-        shutil.rmtree(tmp)
-        return folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+    def write(folder: Path) -> None:
+        rng = np.random.default_rng(seed)
+        rows = []
+        for freq in FREQUENCIES:
+            for channel in range(1, channels + 1):
+                for kind in ENVELOPES:
+                    for _ in range(per_class):
+                        name = f"{len(rows):05d}.npy"
+                        x = synthesize(freq, channel, kind, channels=channels, length=length, sample_rate=sample_rate,
+                                       rng=rng)
+                        np.save(folder / name, x)
+                        rows.append({"file_name": name, "text": caption(freq, channel, kind),
+                                     "frequency": freq, "channel": channel, "envelope": kind})
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    settings = {"version": _VERSION, "channels": channels, "length": length, "sample_rate": float(sample_rate),
+                "per_class": per_class, "seed": seed}
+    return materialize(root, "sines", settings, write)
 
 
 def sines_dataset(root: str | Path, adapter: TimeSeriesAdapter, *, per_class: int = 16, seed: int = 0,
