@@ -22,3 +22,15 @@ def tiny_run(tmp_path_factory, data_root) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     multidiff_cli("train", "recipe=image_digits", f"run_dir={run_dir}", f"data_root={data_root}", *TINY)
     return run_dir
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny tensors: intra-op threads only add overhead on a shared CPU (10-30x on a busy box).
+    Modules of tiny-tensor tests use it with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

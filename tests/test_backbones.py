@@ -31,13 +31,7 @@ BACKBONES = available("backbone")
 SHAPES = {1: (2, 21), 2: (1, 12, 10), 3: (1, 3, 10, 6)}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def build(name: str, shape, conditioning: str = "minilm", *, seed: int = 0) -> tuple[Backbone, dict]:

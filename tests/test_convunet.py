@@ -19,13 +19,7 @@ SHAPES = {1: (2, 3, 37), 2: (2, 1, 9, 14), 3: (2, 2, 5, 6, 7)}
 CTX = 8
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead on the shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def make(dims: int, **kw) -> ConvUNet:

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _single_thread():
-    """The core tests use tiny tensors: intra-op threads only add overhead (10-30x on a busy box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_tensors(single_thread):
+    """Every core test uses tiny tensors: one intra-op thread (tests/conftest.py)."""
     yield
-    torch.set_num_threads(n)
