@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--guidance-extra", default="1.0,4.0", help="other guidance scales at 20 steps")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--samplers", default="ddim,euler,heun,dpmpp_3m", help="extra samplers at 20 steps")
+    ap.add_argument("--name", default="image_digits_quality", help="results file name under benchmarks/results")
     args = ap.parse_args()
 
     extra = {}
@@ -126,7 +127,7 @@ def main() -> None:
               f"({row['fd_ratio']:.2f}x real-vs-real)  sat {row['saturated']:.3f}  tv {row['total_variation']:.2f}",
               flush=True)
     cols = ["sampler", "steps", "guidance", "samples", "accuracy", "frechet", "fd_ratio", "saturated", "total_variation", "seconds"]
-    path = write_results("image_digits_quality", rows, cols, extra)
+    path = write_results(args.name, rows, cols, extra)
     print()
     print(path.read_text())
 

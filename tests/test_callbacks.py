@@ -1,4 +1,5 @@
-"""SamplePreviews refuses to run unbound (it used to train silently without previews)."""
+"""SamplePreviews refuses to run unbound (it used to train silently without previews), and its code
+defaults are the config defaults."""
 
 from __future__ import annotations
 
@@ -40,3 +41,19 @@ def test_write_refuses_when_unbound():
 
     with pytest.raises(PreviewsNotBound):
         SamplePreviews(["a prompt"]).write(Trainer(), None)
+
+
+def test_code_defaults_agree_with_the_config_defaults():
+    """A preview built in Python samples like one built from ``conf/callbacks/default.yaml`` (the
+    guidance default used to be 4.0 in code and 2.0 in the config)."""
+    import inspect
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "callbacks" / "default.yaml").samples
+    params = inspect.signature(SamplePreviews.__init__).parameters
+    shared = [key for key in conf if key in params and key != "prompts"]
+    assert {"every_n_steps", "num_per_prompt", "steps", "guidance_scale", "at_end"} <= set(shared)
+    for key in shared:
+        assert params[key].default == conf[key], key

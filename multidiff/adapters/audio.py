@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from multidiff.adapters.base import Adapter, GenerationOption
-from multidiff.adapters.vocoders import GriffinLimVocoder, MelSpec, single_threaded
+from multidiff.adapters.vocoders import GriffinLimVocoder, MelSpec
 
 SOUNDFILE_SUBTYPES = {".wav": None, ".flac": "PCM_16", ".ogg": "VORBIS", ".mp3": "MPEG_LAYER_III"}
 """Writers by suffix; ``None`` means the adapter's ``subtype`` (16-bit PCM by default)."""
@@ -188,8 +188,7 @@ class AudioAdapter(Adapter):
     def load(self, path: str | Path) -> Tensor:
         """A file as a mono ``(1, samples)`` float32 waveform at ``sample_rate`` (full length)."""
         wave, sr = read_audio(path)
-        with single_threaded(wave.device):
-            return resample(wave.mean(0, keepdim=True), sr, self.sample_rate)
+        return resample(wave.mean(0, keepdim=True), sr, self.sample_rate)
 
     def save(self, raw: Tensor, path: str | Path) -> None:
         """Write ``(1, samples)`` (or ``(samples,)``) at ``sample_rate``; the suffix picks the format.
@@ -209,8 +208,7 @@ class AudioAdapter(Adapter):
 
     def log_mel(self, wave: Tensor) -> Tensor:
         """``(..., samples)`` -> ``(..., n_mels, ceil(samples / hop))`` natural-log mel magnitudes."""
-        with single_threaded(wave.device):  # one clip: a few small FFTs (see single_threaded)
-            mel = self.mel.to(wave.device)(wave.float())
+        mel = self.mel.to(wave.device)(wave.float())
         frames = self.frames_for(wave.shape[-1])
         # center=True adds one frame beyond the last hop; drop it so frames * hop == samples
         return mel[..., :frames].clamp_min(self.spec.log_floor).log()

@@ -26,8 +26,6 @@ so a config gives the vocoder with ``_partial_: true`` and the adapter hands ove
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,16 +56,6 @@ class MelSpec:
     @property
     def n_stft(self) -> int:
         return self.n_fft // 2 + 1
-
-
-@contextmanager
-def single_threaded(device: torch.device) -> Iterator[None]:
-    """Does nothing; kept only while ``adapters/audio.py`` still imports it (remove both together).
-
-    It used to set torch's intra-op thread count to 1 for the block, which is process-wide and not
-    thread-safe. :class:`GriffinLimVocoder` now avoids the threads on the CPU without touching it.
-    """
-    yield
 
 
 class GriffinLimVocoder(nn.Module):

@@ -39,7 +39,7 @@ class SamplePreviews(L.Callback):
         every_n_steps: int = 250,
         num_per_prompt: int = 2,
         steps: int = 20,
-        guidance_scale: float = 4.0,
+        guidance_scale: float = 2.0,
         seed: int = 0,
         at_end: bool = True,
     ) -> None:
