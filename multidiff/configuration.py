@@ -64,3 +64,23 @@ def trusted_prefixes(cfg) -> tuple[str, ...]:
     """The user's explicit opt-in list ``trusted_targets`` of a config (empty if absent)."""
     value = OmegaConf.select(cfg, "trusted_targets", default=None) if isinstance(cfg, DictConfig) else None
     return tuple(str(v) for v in value) if value else ()
+
+
+def check_config(node, *, trusted: Iterable[str] = (), source: str = "config", **kwargs) -> None:
+    """Let a config node's target check its arguments before anything is built.
+
+    A class (or factory function) may define ``check_config(**arguments)``: it receives the node's
+    resolved arguments plus ``kwargs`` (what the builder will pass, e.g. ``adapter=``), checks what
+    they alone can tell (a folder that must exist, a file to start from) and raises a
+    one-paragraph error. Nothing is instantiated, and a target without the method passes.
+    """
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return
+    check_targets(node, trusted=trusted, source=source)
+    from hydra.utils import get_object
+
+    check = getattr(get_object(str(node._target_)), "check_config", None)
+    if check is None:
+        return
+    arguments = OmegaConf.to_container(node, resolve=True)
+    check(**{k: v for k, v in arguments.items() if not k.startswith("_")}, **kwargs)

@@ -21,7 +21,7 @@ ALLOWED = {
     "datasets": ({"core", "adapters", "datasets"}, None),
     "evaluation": ({"core", "adapters", "datasets", "evaluation"}, None),
     "training": ({"core", "conditioning", "backbones", "adapters", "datasets", "pipeline", "configuration", "performance",
-                  "training"}, None),
+                  "options", "training"}, None),
 }
 MODALITY_WORDS = re.compile(
     r"image|audio|video|clip\b|spectrogram|waveform|pixel|\bmel\b|frames?\b|png|wav|mp4|gif|vocoder|duration|fps|"

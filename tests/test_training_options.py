@@ -37,7 +37,7 @@ def test_every_option_has_a_type_default_and_help():
     ({"compile_options": [1]}, r"training.compile_options=\[1\] is invalid: it must be a mapping"),
     ({"lr_scaling": "cubic"}, r"training.lr_scaling='cubic' is invalid: choose one of none, linear, sqrt"),
     ({"base_batch_size": 0}, r"training.base_batch_size=0 is invalid: it must be a positive integer or null"),
-    ({"emma_decay": 0.9}, r"unknown key training.emma_decay: the training options are ema_decay, lr_scaling"),
+    ({"emma_decay": 0.9}, r"unknown key training.emma_decay: the options here are training.ema_decay, training.lr_scaling"),
 ])
 def test_invalid_options_name_the_key(values, message):
     with pytest.raises(OptionError, match=message):

@@ -88,8 +88,8 @@ def test_train_exports_and_logs_sample_videos(video_run):
      r"training.slice_sigma_scale=0 is invalid: it must be a number > 0"),
     (["recipe=video_moving_digits", "training.slice_dim=4", "data.dataset.num_digits=20"],
      r"training.slice_dim=4 does not name an axis of this model's items \(1, 8, 16, 16\)"),
-    (["recipe=video_moving_digits", "+training.slice_itmes=2"], r"unknown key training.slice_itmes: the training "
-     r"options are ema_decay, .*slice_items"),
+    (["recipe=video_moving_digits", "+training.slice_itmes=2"], r"unknown key training.slice_itmes: the options "
+     r"here are training.ema_decay, .*training.slice_items"),
     (["recipe=video_moving_digits", "training.slice_items=true"], r"training.slice_items=True is invalid: it must be "
      r"an integer"),
 ])

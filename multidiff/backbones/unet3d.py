@@ -137,6 +137,13 @@ class UNet3DCond(DiffusersUNet):
             # when prepare_training zeroes them anyway, so the global random stream stays as it was.
             randomize_temporal_outputs(self.unet)
 
+    @staticmethod
+    def check_config(*, init_from: str | None = None, **arguments) -> None:
+        """Before anything is built (see :func:`multidiff.configuration.check_config`): ``init_from``
+        must hold image model weights."""
+        if init_from is not None:
+            _weights_file(Path(str(init_from)))
+
     def prepare_training(self) -> None:
         """Identity temporal layers (``zero_init_temporal``), then inflation from ``init_from`` if set."""
         if self.zero_init_temporal:

@@ -75,6 +75,11 @@ def translate(overrides: list[str]) -> list[str]:
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with overrides; raise :class:`ConfigError` on mistakes."""
+    return compose_with_choices(config_name, overrides)[0]
+
+
+def compose_with_choices(config_name: str, overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
+    """:func:`compose`, and the option chosen for each config group (``{"sampler": "ddim", ...}``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -84,15 +89,17 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_root() / "conf"), version_base="1.3"):
-            cfg = hydra_compose(config_name, overrides=translate(overrides))
+            cfg = hydra_compose(config_name, overrides=translate(overrides), return_hydra_config=True)
     except MissingConfigException as e:
         raise ConfigError(_missing_message(str(e), extra)) from None
     except OverrideParseException as e:
         raise ConfigError(f"cannot parse the command-line override: {e}. Overrides look like key=value.") from None
     except ConfigCompositionException as e:
         raise ConfigError(_composition_message(e, extra)) from None
+    choices = {str(k): str(v) for k, v in cfg.hydra.runtime.choices.items() if v is not None and not str(k).startswith("hydra")}
     OmegaConf.set_struct(cfg, False)
-    return cfg
+    del cfg["hydra"]
+    return cfg, choices
 
 
 def _missing_message(text: str, extra: list[Path]) -> str:

@@ -3,12 +3,78 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from multidiff.cli.compose import ConfigError, config_root, require
 from multidiff.configuration import safe_instantiate
+from multidiff.options import REQUIRED, OptionError, Options
+
+
+@dataclass(frozen=True)
+class GenerateOptions(Options):
+    """The keys of ``multidiff generate`` (``conf/generate.yaml``, which must agree: a test compares
+    them); the sampler is a config group and the model's own options live under ``options``."""
+
+    WHERE = "multidiff generate --help lists them"
+
+    model: str = REQUIRED
+    """an exported model directory (RUN/model) or a training checkpoint (.ckpt)."""
+    prompt: str | None = None
+    """the text prompt (or prompts_file=)."""
+    prompts_file: str | None = None
+    """a UTF-8 text file with one prompt per line, instead of prompt=."""
+    negative_prompt: str | None = None
+    """what guidance steers away from (null: the empty prompt)."""
+    num_samples: int = 1
+    """samples per prompt."""
+    seed: int = 0
+    """sample k of a prompt uses seed + k, so any sample can be made again alone."""
+    steps: int = 20
+    """sampler steps (denoiser evaluations: steps, twice that for heun)."""
+    guidance_scale: float = 2.0
+    """classifier-free guidance; 1 disables it, higher follows the prompt more and varies less."""
+    batch_size: int = 16
+    """samples denoised together (memory, not results)."""
+    out: str = REQUIRED
+    """the output directory: NNNN.<format> files and metadata.jsonl."""
+    overwrite: bool = False
+    """replace the results of an earlier run in out=."""
+    trusted_targets: list[str] = field(default_factory=list)
+    """module prefixes beyond multidiff. that the model's config may build (models of your own modalities)."""
+    device: str | None = None
+    """cpu, cuda, cuda:1, ... (null: cuda if available, else cpu)."""
+    channels_last: bool = False
+    """NHWC weights and inputs for 2-D (NDHWC for 3-D) convolutions."""
+    compile: bool = False
+    """torch.compile the backbone (a slow first batch while it compiles)."""
+    compile_options: dict = field(default_factory=dict)
+    """torch.compile keyword arguments, e.g. {mode: max-autotune}."""
+    format: str | None = None
+    """a file type the model's modality writes (e.g. gif for clips); null: its default."""
+    options: dict = field(default_factory=dict)
+    """the model's own generation options (name=value lands here; generate model=DIR --help lists them)."""
+    verbose: bool = False
+    """show every dependency message (Lightning tips, deprecation warnings) for debugging."""
+
+    def rules(self):
+        return [
+            ("num_samples", self.num_samples > 0, "a positive integer"),
+            ("steps", self.steps > 0, "a positive integer"),
+            ("batch_size", self.batch_size > 0, "a positive integer"),
+            ("seed", self.seed >= 0, "an integer >= 0"),
+            ("guidance_scale", self.guidance_scale >= 0, "a number >= 0 (1 disables guidance)"),
+        ]
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> GenerateOptions:
+        """The options of a composed ``generate`` config, checked; :class:`ConfigError` names the key."""
+        try:
+            return cls.from_mapping(cfg, only_known=True)
+        except OptionError as e:
+            raise ConfigError(str(e)) from None
 
 _PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
@@ -24,28 +90,33 @@ def route_options(overrides: list[str]) -> list[str]:
     return [f"+options.{o}" if _PLAIN_KEY.match(o) and o.split("=", 1)[0] not in known else o for o in overrides]
 
 
-def model_help(cfg: DictConfig) -> str:
-    """The generation options of ``cfg.model``'s modality, one per line, with the model's defaults."""
+def model_adapter(cfg: DictConfig):
+    """The adapter of ``cfg.model``, built from the model's config alone (no weights are read from
+    an exported directory): enough to check and list the modality's options before a model load."""
     from multidiff.pipeline import read_model_config
 
     model = require(cfg, "model", "an exported model directory (RUN/model) or a checkpoint (.ckpt)")
-    model_cfg = read_model_config(str(model))
     trusted = [str(t) for t in cfg.get("trusted_targets") or []]
-    adapter = safe_instantiate(model_cfg.modality, trusted=trusted, source=str(model))
+    return safe_instantiate(read_model_config(str(model)).modality, trusted=trusted, source=str(model))
+
+
+def model_help(cfg: DictConfig) -> str:
+    """The generation options of ``cfg.model``'s modality, one per line, with the model's defaults."""
+    adapter = model_adapter(cfg)
     options = adapter.generation_options()
-    lines = [f"generation options of {model} ({type(adapter).__name__}), as name=value:"]
+    lines = [f"generation options of {cfg.model} ({type(adapter).__name__}), as name=value:"]
     lines += [f"  {o.describe()}" for o in options] or ["  (none)"]
     formats = adapter.formats or (adapter.suffix.lstrip("."),)
     lines.append(f"  format: one of {', '.join(formats)} (default {adapter.suffix.lstrip('.')})")
     return "\n".join(lines)
 
 
-def read_prompts(cfg: DictConfig) -> list[str]:
+def read_prompts(opts: GenerateOptions) -> list[str]:
     """Prompts from ``prompt=`` or ``prompts_file=`` (one per line, blank lines ignored)."""
-    if cfg.get("prompt") is not None and cfg.get("prompts_file") is not None:
+    if opts.prompt is not None and opts.prompts_file is not None:
         raise ConfigError("give either prompt=... or prompts_file=..., not both")
-    if cfg.get("prompts_file") is not None:
-        path = Path(str(cfg.prompts_file))
+    if opts.prompts_file is not None:
+        path = Path(opts.prompts_file)
         if not path.is_file():
             raise ConfigError(f"prompts_file {path} does not exist")
         try:
@@ -56,55 +127,46 @@ def read_prompts(cfg: DictConfig) -> list[str]:
         if not prompts:
             raise ConfigError(f"prompts_file {path} holds no prompts; write one prompt per line")
         return prompts
-    if cfg.get("prompt") is None:
+    if opts.prompt is None:
         raise ConfigError('missing prompt="..." (or prompts_file=FILE with one prompt per line)')
-    return [str(cfg.prompt)]
-
-
-def _positive_int(cfg: DictConfig, key: str) -> int:
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{key}={value!r} is invalid: it must be a positive integer")
-    return value
+    return [opts.prompt]
 
 
 def run(cfg: DictConfig) -> list[Path]:
+    """Check everything the config alone can tell (keys, prompts, the output folder, the model's
+    own options and format), then load the model, sample and write ``out``."""
     from multidiff.pipeline import GenerationError, Pipeline
 
-    model = require(cfg, "model", "an exported model directory (RUN/model) or a checkpoint (.ckpt)")
-    out = Path(str(require(cfg, "out", "the output directory for the generated files")))
-    prompts = read_prompts(cfg)
-    num_samples, steps, batch_size = (_positive_int(cfg, k) for k in ("num_samples", "steps", "batch_size"))
-    guidance = cfg.guidance_scale
-    if not isinstance(guidance, int | float) or guidance < 0:
-        raise ConfigError(f"guidance_scale={guidance!r} is invalid: it must be a number >= 0 (1 disables guidance)")
-    if (out / "metadata.jsonl").exists() and not cfg.overwrite:
+    opts = GenerateOptions.from_config(cfg)
+    out = Path(opts.out)
+    prompts = read_prompts(opts)
+    if (out / "metadata.jsonl").exists() and not opts.overwrite:
         raise ConfigError(f"out={out} already holds results (metadata.jsonl); choose a new out= or add overwrite=true")
     sampler = safe_instantiate(cfg.sampler.fn, source="sampler config")
-    trusted = [str(t) for t in cfg.get("trusted_targets") or []]
-    compile_options = cfg.get("compile_options")
-    pipe = Pipeline.load(
-        str(model), device=cfg.get("device"), trusted_targets=trusted, channels_last=bool(cfg.get("channels_last", False)),
-        compile=bool(cfg.get("compile", False)),
-        compile_options=OmegaConf.to_container(compile_options, resolve=True) if compile_options else None,
-    )
-    options = OmegaConf.to_container(cfg.get("options") or OmegaConf.create({}), resolve=True)
+    try:  # before the model loads: a wrong option or file type should cost a second, not a model load
+        adapter = model_adapter(cfg)
+        adapter.read_options(opts.options)
+        if opts.format:
+            adapter.check_format(opts.format)
+    except ValueError as e:
+        raise ConfigError(_with_own_keys(str(e))) from None
+    pipe = Pipeline.load(opts.model, device=opts.device, trusted_targets=opts.trusted_targets,
+                         channels_last=opts.channels_last, compile=opts.compile, compile_options=opts.compile_options or None)
     try:
-        if cfg.get("format"):  # before sampling: a wrong file type should not cost a generation
-            pipe.adapter.check_format(str(cfg.format))
         samples = pipe.generate(
-            prompts, num_samples=num_samples, seed=int(cfg.seed), sampler=sampler, sampler_name=cfg.sampler.name,
-            steps=steps, guidance_scale=float(guidance), negative_prompt=cfg.get("negative_prompt"),
-            batch_size=batch_size, **options,
+            prompts, num_samples=opts.num_samples, seed=opts.seed, sampler=sampler, sampler_name=cfg.sampler.name,
+            steps=opts.steps, guidance_scale=opts.guidance_scale, negative_prompt=opts.negative_prompt,
+            batch_size=opts.batch_size, **opts.options,
         )
-        paths = pipe.save(samples, out, overwrite=bool(cfg.overwrite), model=str(model), format=cfg.get("format"))
+        paths = pipe.save(samples, out, overwrite=opts.overwrite, model=opts.model, format=opts.format)
     except (GenerationError, ValueError) as e:
-        message = str(e)
-        if message.startswith("unknown generation option"):
-            keys = ", ".join(k for k in OmegaConf.load(config_root() / "conf" / "generate.yaml") if k != "defaults")
-            message += f". (generate's own keys: {keys}, sampler)"
-        raise ConfigError(message) from None
+        raise ConfigError(_with_own_keys(str(e))) from None
     print(f"wrote {len(paths)} file(s) and metadata.jsonl to {out}")
     return paths
 
 
+def _with_own_keys(message: str) -> str:
+    """An unknown generation option may be a misspelt key of generate itself: list those too."""
+    if message.startswith("unknown generation option"):
+        message += f". (generate's own keys: {', '.join(GenerateOptions.keys())}, sampler)"
+    return message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from omegaconf import DictConfig, OmegaConf
 
 from multidiff.cli.compose import ConfigError
-from multidiff.configuration import safe_instantiate, trusted_prefixes
+from multidiff.configuration import check_config, safe_instantiate, trusted_prefixes
+from multidiff.options import OptionRow, Options
 from multidiff.training.faults import (
     AtomicCheckpointIO,
     GracefulStop,
@@ -31,6 +33,51 @@ RUN_DIR_ENV = "MULTIDIFF_RUN_DIR"
 
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (e.g. a non-finite loss under ``training.nonfinite=stop``)."""
+
+
+@dataclass(frozen=True)
+class RunOptions(Options):
+    """The top-level keys of ``multidiff train`` (``conf/train.yaml``, which must agree: a test
+    compares them); the config groups and ``training.*`` (:class:`TrainingOptions`) come beside them."""
+
+    WHERE = "multidiff train --help lists them"
+
+    run_dir: str | None = None
+    """where the run writes checkpoints/, model/, samples/ and logs/ (null: runs/<recipe>-<time>)."""
+    seed: int = 0
+    """seeds weights, noise, condition dropout and the data order."""
+    data_root: str = "data"
+    """where embedded datasets are materialized and cached (relative to the working directory)."""
+    trusted_targets: list[str] = field(default_factory=list)
+    """module prefixes beyond multidiff. whose _target_s the config may build, e.g. [my_package.]."""
+    preview_prompts: list[str] = field(default_factory=list)
+    """prompts the sample previews draw during training (recipes set them)."""
+    resume: str | None = None
+    """null (a fresh run), auto (the newest checkpoint in run_dir) or a .ckpt path."""
+    verbose: bool = False
+    """show every dependency message (Lightning tips, deprecation warnings) for debugging."""
+
+    def rules(self):
+        return [("seed", self.seed >= 0, "an integer >= 0")]
+
+
+# keys of config groups that a run reads before anything is built: (key, type, rule, what it must be, help)
+GROUP_KEYS: list[tuple[str, str, object, str, str]] = [
+    ("trainer.max_steps", "int", lambda v: isinstance(v, int) and not isinstance(v, bool) and (v > 0 or v == -1),
+     "a positive integer (or -1 with max_epochs)", "optimizer steps to train (trainer/ sets it, recipes tune it)."),
+    ("data.batch_size", "int", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer",
+     "items per batch on each device (the global batch multiplies it by devices and accumulation)."),
+    ("conditioning.dropout", "float", lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1,
+     "a number in [0, 1)", "share of training prompts replaced by the null condition (what guidance needs)."),
+    ("optimizer.lr", "float", lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0, "a number > 0",
+     "learning rate (before training.lr_scaling)."),
+]
+
+
+def group_key_rows(cfg: DictConfig | None = None) -> list[OptionRow]:
+    """:data:`GROUP_KEYS` as help rows, with the values of ``cfg`` (a composition) as defaults."""
+    return [OptionRow(key, kind, None if cfg is None else OmegaConf.select(cfg, key, default=None), help)
+            for key, kind, _, _, help in GROUP_KEYS]
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -57,24 +104,31 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-RUN_CHECKS = [  # keys outside training.* that a run reads before anything is built
-    ("trainer.max_steps", lambda v: isinstance(v, int) and not isinstance(v, bool) and (v > 0 or v == -1),
-     "a positive integer (or -1 with max_epochs)"),
-    ("data.batch_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
-    ("conditioning.dropout", lambda v: isinstance(v, int | float) and 0 <= v < 1, "a number in [0, 1)"),
-]
-
-
 def read_options(cfg: DictConfig) -> TrainingOptions:
-    """The run's typed training options, and the few other keys it reads up front, checked in one pass."""
-    for key, ok, what in RUN_CHECKS:
+    """The run's typed options (top-level keys, ``training.*`` and the group keys it reads up
+    front), checked in one pass; :class:`ConfigError` names the key."""
+    for key, _, ok, what, _ in GROUP_KEYS:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not ok(value):
             raise ConfigError(f"{key}={value!r} is invalid: it must be {what}")
     try:
+        RunOptions.from_mapping(cfg, only_known=True)
         return TrainingOptions.from_config(cfg.get("training"))
     except OptionError as e:
         raise ConfigError(str(e)) from None
+
+
+def preflight(cfg: DictConfig) -> TrainingOptions:
+    """Everything the composed config alone can tell, checked before any weights load, any trainer
+    is built or any data is materialized: option types and ranges, and each part's own
+    ``check_config`` (a dataset folder that must exist, a checkpoint to start from). The modality's
+    adapter is built for it (cheap: no weights), since the data's checks need its file types."""
+    options = read_options(cfg)
+    trusted = trusted_prefixes(cfg)
+    adapter = safe_instantiate(cfg.modality, trusted=trusted, source="train config")
+    check_config(cfg.data.dataset, trusted=trusted, source="train config", adapter=adapter)
+    check_config(cfg.backbone, trusted=trusted, source="train config", shape=tuple(adapter.shape))
+    return options
 
 
 def build(cfg: DictConfig, run_dir: Path, options: TrainingOptions | None = None):
@@ -254,7 +308,7 @@ def check_resume_matches(path: str | Path, state: dict, module) -> None:
 
 def run(cfg: DictConfig) -> Path:
     """Train and export; returns the run directory."""
-    options = read_options(cfg)
+    options = preflight(cfg)
     previous = os.environ.get(RUN_DIR_ENV)  # set by a launcher when this is a distributed worker
     run_dir = resolve_run_dir(cfg)
     try:

@@ -98,6 +98,23 @@ class CaptionFolder(Dataset):
         if cache:
             self._cache, self.items = self._encode_all()
 
+    @staticmethod
+    def check_config(*, root: str | Path, adapter: Adapter, on_error: str = "fail", caption_key: str = "text",
+                     **arguments) -> None:
+        """What the config alone can tell, before any model is built (see
+        :func:`multidiff.configuration.check_config`): the folder exists and holds captioned files of
+        the modality's types; with ``on_error=fail``, every file that ``metadata.jsonl`` names exists."""
+        if on_error not in ("fail", "skip"):
+            raise DatasetError(f"data.dataset.on_error must be 'fail' or 'skip', got {on_error!r}")
+        items = read_captions(Path(root), adapter.extensions, caption_key)
+        missing = [path for path, _ in items if not path.is_file()]
+        if missing and on_error == "fail":
+            names = ", ".join(str(p) for p in missing[:5])
+            raise DatasetError(
+                f"{len(missing)} file(s) named in {Path(root) / 'metadata.jsonl'} do not exist (e.g. {names}): fix the "
+                "file_name entries, or set data.dataset.on_error=skip to leave them out"
+            )
+
     def _load(self, path: Path) -> Tensor:
         try:
             return self.adapter.encode(self.adapter.load(path))
