@@ -1,7 +1,13 @@
-"""Quality of the image_digits recipe: prompted-digit accuracy and Fréchet distance.
+"""Quality of the image_digits recipes: prompted-digit accuracy and Fréchet distance.
 
     python benchmarks/image_digits_quality.py --train          # train the recipe (timed), then evaluate
     python benchmarks/image_digits_quality.py --model runs/digits/model
+    python benchmarks/image_digits_quality.py --train --recipe image_digits_latent \
+        --autoencoder-recipe autoencoder_digits --model runs/latent/model --name image_digits_latent_recipe
+
+With ``--autoencoder-recipe`` the autoencoder is trained first (timed too, into ``AE/`` beside the
+model's run directory) and measured on its own: the share of real digits whose reconstruction the
+classifier labels as it labels the digit (``agreement``), written to ``--ae-name``.
 
 A classifier trained only on the real scikit-learn digits (upsampled like the dataset) labels the
 generated images; a Fréchet distance between Gaussian fits of generated and real digits in a PCA
@@ -53,6 +59,7 @@ class Judge:
         from sklearn.model_selection import train_test_split
         from sklearn.svm import SVC
 
+        self.size = size
         images, labels = digits_images(size)
         x = images[:, 0].numpy()
         flat = x.reshape(len(x), -1)
@@ -82,6 +89,29 @@ def generate(pipe, sampler: str, steps: int, per_digit: int, guidance: float, se
     return out[:, 0].numpy(), labels
 
 
+def train(recipe: str, run_dir: Path, *overrides: str) -> float:
+    """Train ``recipe`` into ``run_dir`` through the CLI; minutes taken."""
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "multidiff.cli.main", "train", f"recipe={recipe}", f"run_dir={run_dir}",
+                    "+trainer.enable_progress_bar=false", *overrides], check=True)
+    return round((time.time() - t0) / 60, 2)
+
+
+@torch.no_grad()
+def autoencoder_row(stage, judge: Judge) -> dict:
+    """How faithfully a latent stage reconstructs every real digit (model space ``[-1, 1]``): the share
+    the classifier labels as it labels the original, and the PSNR."""
+    images, _ = digits_images(judge.size)
+    x = images * 2 - 1
+    stage = stage.cpu().eval()
+    recon = torch.cat([stage.decode(stage.encode(x[i : i + 256]), shape=tuple(x.shape[1:])) for i in range(0, len(x), 256)])
+    real, back = images[:, 0].numpy(), ((recon + 1) / 2).clamp(0, 1)[:, 0].numpy()
+    same = judge.clf.predict(back.reshape(len(back), -1)) == judge.clf.predict(real.reshape(len(real), -1))
+    mse = float(((recon - x) ** 2).mean())
+    return {"items": len(x), "agreement": float(same.mean()), "mse": mse, "psnr": float(10 * np.log10(4 / mse)),
+            "latent_shape": "x".join(map(str, stage.latent_shape())), **{f"recon_{k}": v for k, v in image_stats(back).items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/digits/model")
@@ -93,22 +123,37 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--samplers", default="ddim,euler,heun,dpmpp_3m", help="extra samplers at 20 steps")
     ap.add_argument("--name", default="image_digits_quality", help="results file name under benchmarks/results")
+    ap.add_argument("--recipe", default="image_digits", help="the recipe --train trains")
+    ap.add_argument("--autoencoder-recipe", default=None, help="train this autoencoder recipe first (latent recipes)")
+    ap.add_argument("--ae-name", default="autoencoder_digits_recipe", help="results file of the autoencoder's measures")
     args = ap.parse_args()
 
-    extra = {}
+    extra = {"recipe": args.recipe}
     model = Path(args.model)
+    ae_model = model.parent.parent / "AE" / "model"
     if args.train:
         run_dir = model.parent
-        t0 = time.time()
-        subprocess.run([sys.executable, "-m", "multidiff.cli.main", "train", "recipe=image_digits",
-                        f"run_dir={run_dir}", "+trainer.enable_progress_bar=false"], check=True)
-        extra["train_minutes"] = round((time.time() - t0) / 60, 2)
+        extra_args = []
+        if args.autoencoder_recipe:
+            ae_minutes = train(args.autoencoder_recipe, ae_model.parent)
+            extra_args = [f"autoencoder.path={ae_model}"]
+            extra["autoencoder_minutes"] = ae_minutes
+        extra["diffusion_minutes"] = train(args.recipe, run_dir, *extra_args)
+        extra["train_minutes"] = round(extra["diffusion_minutes"] + extra.get("autoencoder_minutes", 0), 2)
 
     import multidiff
 
     torch.manual_seed(0)
     pipe = multidiff.load(model)
-    judge = Judge()
+    judge = Judge(size=int(pipe.adapter.shape[-1]))
+    if args.autoencoder_recipe:
+        ae_row = autoencoder_row(pipe.stage, judge)
+        print(f"autoencoder: agreement {ae_row['agreement']:.4f}  psnr {ae_row['psnr']:.2f} dB", flush=True)
+        ae_extra = {"recipe": args.autoencoder_recipe, "model": str(ae_model)}
+        if "autoencoder_minutes" in extra:
+            ae_extra["train_minutes"] = extra["autoencoder_minutes"]
+        write_results(args.ae_name, [ae_row], list(ae_row), ae_extra)
+        extra["autoencoder_agreement"] = ae_row["agreement"]
     extra.update({"model": str(model), "real_vs_real_frechet": judge.real_vs_real,
                   "real_test_accuracy": judge.real_accuracy, "real_saturated": judge.real_stats["saturated"],
                   "real_total_variation": judge.real_stats["total_variation"]})

@@ -6,9 +6,10 @@
     >>> pipe.save(images, "out/")
 
 An exported model directory holds ``multidiff.json`` (a format marker), ``config.yaml`` (the
-resolved config of the run) and ``backbone/`` (the EMA weights, as safetensors; diffusers'
-``save_pretrained`` layout for diffusers backbones). Nothing is unpickled and only allow-listed
-``_target_``s are built (:mod:`multidiff.configuration`).
+resolved config of the run), ``backbone/`` (the EMA weights, as safetensors; diffusers'
+``save_pretrained`` layout for diffusers backbones) and, for a latent model, ``autoencoder/`` (the
+latent stage with its weights and latent scale, so the export needs nothing outside itself).
+Nothing is unpickled and only allow-listed ``_target_``s are built (:mod:`multidiff.configuration`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from multidiff.atomic import replace_directory
+from multidiff.autoencoders.base import Identity, LatentStage, load_stage
 from multidiff.configuration import safe_instantiate, trusted_prefixes
 from multidiff.core.cond import Cond
 from multidiff.core.denoiser import Denoiser
@@ -34,7 +36,7 @@ from multidiff.performance import apply_performance_options
 
 FORMAT = "multidiff-model"
 FORMAT_VERSION = 1
-MODEL_KEYS = ("modality", "backbone", "diffusion", "conditioning", "trusted_targets")
+MODEL_KEYS = ("modality", "autoencoder", "backbone", "diffusion", "conditioning", "trusted_targets")
 
 
 class ModelLoadError(ValueError):
@@ -64,6 +66,7 @@ class ModelParts:
     denoiser: Denoiser
     schedule: object
     conditioner: object
+    stage: LatentStage | None = None  # the latent stage; None or Identity: the backbone sees the adapter's tensors
 
 
 def model_config(cfg: DictConfig) -> DictConfig:
@@ -72,16 +75,28 @@ def model_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create(OmegaConf.to_container(OmegaConf.create(keep), resolve=True))
 
 
-def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None, trusted=None) -> ModelParts:
-    """Instantiate adapter, denoiser (random backbone weights), schedule and conditioner.
+def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None, trusted=None,
+                stage_dir: Path | None = None) -> ModelParts:
+    """Instantiate adapter, latent stage, denoiser (random backbone weights), schedule and conditioner.
 
-    ``trusted``: extra ``_target_`` prefixes allowed; ``None`` takes the config's own
-    ``trusted_targets`` (right for a config the user composed, never for a file from elsewhere).
+    The shape flows down: the adapter's item shape builds the latent stage, whose latent shape
+    builds the backbone. ``stage_dir``: a saved stage (an export's ``autoencoder/``) to use instead
+    of building ``cfg.autoencoder``. ``trusted``: extra ``_target_`` prefixes allowed; ``None``
+    takes the config's own ``trusted_targets`` (right for a config the user composed, never for a
+    file from elsewhere).
     """
     trusted = trusted_prefixes(cfg) if trusted is None else tuple(trusted)
     make = lambda node, **kw: safe_instantiate(node, trusted=trusted, source=source, **kw)  # noqa: E731
     adapter = make(cfg.modality)
-    backbone = make(cfg.backbone, shape=tuple(adapter.shape))  # the shape flows down from the adapter
+    shape = tuple(adapter.shape)
+    if stage_dir is not None:
+        stage = load_stage(stage_dir, shape=shape)
+    elif cfg.get("autoencoder") is not None:
+        stage = make(cfg.autoencoder, shape=shape)
+    else:
+        stage = Identity(shape=shape)
+    stage.requires_grad_(False).eval()
+    backbone = make(cfg.backbone, shape=stage.latent_shape())
     schedule = make(cfg.diffusion.schedule)
     param = make(cfg.diffusion.parameterization)
     prior = cfg.diffusion.get("noise_prior")
@@ -89,27 +104,26 @@ def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None, tr
                         noise_prior=None if prior is None else make(prior))
     if conditioner is None:
         conditioner = make(cfg.conditioning.encoder)
-    return ModelParts(adapter, denoiser, schedule, conditioner)
+    return ModelParts(adapter, denoiser, schedule, conditioner, stage)
 
 
-def export_model(directory: str | Path, cfg: DictConfig, backbone) -> Path:
-    """Write an exported model: marker, resolved model config and backbone weights (atomically)."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    backbone.save_pretrained(tmp / "backbone")
-    (tmp / "config.yaml").write_text(OmegaConf.to_yaml(model_config(cfg)), encoding="utf-8")
-    (tmp / "multidiff.json").write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION}), encoding="utf-8")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
+def export_model(directory: str | Path, cfg: DictConfig, backbone, stage: LatentStage | None = None) -> Path:
+    """Write an exported model (atomically): marker, resolved model config, backbone weights and,
+    unless it is the identity, the latent stage (weights and latent scale) under ``autoencoder/``."""
+
+    def fill(tmp: Path) -> None:
+        backbone.save_pretrained(tmp / "backbone")
+        if stage is not None and not stage.is_identity:
+            stage.save_pretrained(tmp / "autoencoder")
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(model_config(cfg)), encoding="utf-8")
+        (tmp / "multidiff.json").write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION}), encoding="utf-8")
+
+    return replace_directory(directory, fill)
 
 
-def _read_model(path: Path) -> tuple[DictConfig, callable]:
-    """Config and a weight-loading function for an exported directory or a ``.ckpt``."""
+def _read_model(path: Path) -> tuple[DictConfig, callable, Path | None]:
+    """Config, a weight-loading function and the saved latent stage (if any) of an exported
+    directory or a ``.ckpt``."""
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist; pass an exported model directory (RUN/model) or a .ckpt")
     if path.is_dir():
@@ -118,10 +132,15 @@ def _read_model(path: Path) -> tuple[DictConfig, callable]:
             hint = " (did you mean its model/ subfolder?)" if (path / "model" / "multidiff.json").is_file() else ""
             raise ModelLoadError(f"{path} is not a multidiff model: it has no multidiff.json{hint}")
         info = json.loads(marker.read_text())
+        if info.get("format") == "multidiff-autoencoder":
+            raise ModelLoadError(f"{path} is an autoencoder (a task=autoencoder run's export), not a diffusion model: "
+                                 f"train a latent model with it (autoencoder=trained autoencoder.path={path}) and load that")
         if info.get("format") != FORMAT:
             raise ModelLoadError(f"{marker} does not describe a multidiff model (format={info.get('format')!r})")
         cfg = _upgrade(OmegaConf.load(path / "config.yaml"))
-        return cfg, lambda parts: parts.denoiser.backbone.load_pretrained(path / "backbone")
+        stage_dir = path / "autoencoder"
+        return (cfg, lambda parts: parts.denoiser.backbone.load_pretrained(path / "backbone"),
+                stage_dir if stage_dir.is_dir() else None)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -134,11 +153,16 @@ def _read_model(path: Path) -> tuple[DictConfig, callable]:
     cfg = _upgrade(OmegaConf.create(ckpt["multidiff_config"]))
 
     def load(parts: ModelParts) -> None:
-        prefix = "ema.backbone."
-        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-        parts.denoiser.backbone.load_state_dict(state)
+        parts.denoiser.backbone.load_state_dict(_prefixed(ckpt["state_dict"], "ema.backbone."))
+        stage_state = _prefixed(ckpt["state_dict"], "stage.")
+        if stage_state:  # the training module's latent stage, with the scale fitted on its data
+            parts.stage.load_state_dict(stage_state)
 
-    return cfg, load
+    return cfg, load, None
+
+
+def _prefixed(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def read_model_config(path: str | Path) -> DictConfig:
@@ -163,9 +187,11 @@ class Pipeline:
                  channels_last: bool = False, compile: bool = False, compile_options: dict | None = None) -> None:
         self.adapter, self.denoiser = parts.adapter, parts.denoiser.eval()
         self.schedule, self.conditioner = parts.schedule, parts.conditioner
+        self.stage = (parts.stage or Identity(shape=tuple(parts.adapter.shape))).eval()
         self.config, self.source = config, source
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.denoiser.to(self.device)
+        self.stage.to(self.device)
         apply_performance_options(self.denoiser.backbone, channels_last=channels_last, compile=compile,
                                   compile_options=compile_options)
         self.conditioner.to(self.device)
@@ -177,8 +203,8 @@ class Pipeline:
         ``performance``: ``channels_last``, ``compile``, ``compile_options`` (see
         :func:`multidiff.performance.apply_performance_options`)."""
         path = Path(path)
-        cfg, load_weights = _read_model(path)
-        parts = build_parts(cfg, source=str(path), trusted=trusted_targets)
+        cfg, load_weights, stage_dir = _read_model(path)
+        parts = build_parts(cfg, source=str(path), trusted=trusted_targets, stage_dir=stage_dir)
         load_weights(parts)
         return cls(parts, config=cfg, source=str(path), device=device, **performance)
 
@@ -217,7 +243,7 @@ class Pipeline:
         sigmas = self._grid(steps, sigmas)
         try:
             options = self.adapter.read_options(options)
-            shape = tuple(self.adapter.sample_shape(**options))
+            data_shape = tuple(self.adapter.sample_shape(**options))
         except ValueError as e:  # the adapter rejects an option (unknown name, bad value)
             raise GenerationError(str(e)) from None
         flat = [p for p in prompts for _ in range(num_samples)]
@@ -226,10 +252,12 @@ class Pipeline:
         outputs = []
         for start in range(0, len(flat), batch_size):
             chunk, chunk_seeds = flat[start : start + batch_size], seeds[start : start + batch_size]
-            x0 = self.sample_tensors(
-                chunk, chunk_seeds, shape, fn, sigmas, guidance_scale, negative_prompt, callback=bar
+            z = self.sample_tensors(
+                chunk, chunk_seeds, self.stage.latent_shape(data_shape), fn, sigmas, guidance_scale, negative_prompt,
+                callback=bar,
             )
-            outputs.extend(self.adapter.fit_length(self.adapter.decode(x), **options).cpu() for x in x0)
+            outputs.extend(self.adapter.fit_length(raw, **options).cpu()
+                           for raw in decode_samples(self.stage, self.adapter, z, data_shape))
         if bar is not None:
             bar.close()
         samples = torch.stack(outputs)
@@ -238,7 +266,7 @@ class Pipeline:
         return samples
 
     def sample_tensors(self, prompts, seeds, shape, fn, sigmas, guidance_scale, negative_prompt=None, callback=None):
-        """Model tensors ``(B, *shape)`` for prompts and per-sample seeds (no decoding)."""
+        """Model tensors ``(B, *shape)`` (latents of a latent model) for prompts and per-sample seeds (no decoding)."""
         return sample_prompts(
             self.denoiser, self.conditioner, prompts, seeds, shape, fn, sigmas,
             guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=self.device, callback=callback,
@@ -322,6 +350,13 @@ def sample_prompts(denoiser, conditioner, prompts, seeds, shape, fn, sigmas, *, 
     guided = CFGDenoiser(denoiser, uncond, guidance_scale)
     step = None if callback is None else (lambda info: callback.update(1))
     return fn(guided, x, sigmas, cond=cond, generator=gen, callback=step)
+
+
+def decode_samples(stage: LatentStage | None, adapter, z: Tensor, data_shape) -> list[Tensor]:
+    """Sampled model tensors ``(B, *latent_shape)`` -> raw samples: through the latent stage as one batch
+    on its device (cropped to ``data_shape``), then the adapter, one sample at a time."""
+    x = z if stage is None else stage.decode(z.to(next(iter(stage.buffers())).device), shape=data_shape)
+    return [adapter.decode(item) for item in x]
 
 
 def _check_options(prompts, num_samples, steps, guidance_scale, batch_size) -> None:

@@ -73,6 +73,8 @@ def test_group_option_composes_and_instantiates(group, name, tmp_path):
             x = torch.randn(2, *shape)
             with torch.no_grad():
                 assert net(x, torch.tensor([1.0, 500.0]), None).shape == x.shape
+    elif group == "autoencoder":
+        _check_autoencoder_option(name, node, tmp_path)
     elif group == "diffusion":
         for key in ("schedule", "parameterization", "noise"):
             assert safe_instantiate(node[key]) is not None
@@ -104,17 +106,58 @@ def test_group_option_composes_and_instantiates(group, name, tmp_path):
             assert safe_instantiate(node.samples) is not None
 
 
+def _tiny_autoencoder_export(directory: Path, shape) -> Path:
+    """A tiny untrained ConvAutoencoder exported as a task=autoencoder run exports it."""
+    from multidiff.autoencoders.conv import ConvAutoencoder
+    from multidiff.autoencoders.trained import export_autoencoder
+
+    stage = ConvAutoencoder(shape=shape, channels=[8, 16], norm_groups=4)
+    return export_autoencoder(directory, stage, "modality: {}\n")
+
+
+def _check_autoencoder_option(name, node, tmp_path):
+    """Every autoencoder option builds for every data rank it takes and keeps the stage's shape contract."""
+    import torch
+
+    shapes = {1: (1, 24), 2: (1, 16, 12), 3: (1, 3, 8, 8)}
+    ranks = {"identity": (1, 2, 3), "conv": (1, 2, 3), "perframe": (3,), "trained": (2,), "diffusers": (2,)}[name]
+    for rank in ranks:
+        shape = shapes[rank]
+        if name == "trained":
+            node.path = str(_tiny_autoencoder_export(tmp_path / f"ae{rank}", shape))
+        if name == "diffusers":
+            from diffusers import AutoencoderKL
+
+            AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8,
+                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                          latent_channels=4).save_pretrained(tmp_path / "vae")
+            node.path = str(tmp_path / "vae")
+        stage = safe_instantiate(node, shape=shape)
+        x = torch.randn(2, *shape)
+        with torch.no_grad():
+            z = stage.encode(x)
+            assert tuple(z.shape) == (2, *stage.latent_shape()) and stage.decode(z, shape=shape).shape == x.shape
+
+
 @pytest.mark.parametrize("recipe", available("recipes"))
 def test_recipe_composes_and_builds(recipe, tmp_path):
     from multidiff.cli.train import build
 
-    cfg = compose("train", [f"recipe={recipe}", f"data_root={tmp_path}"])
+    overrides = [f"recipe={recipe}", f"data_root={tmp_path}"]
+    if OmegaConf.is_missing(compose("train", overrides).autoencoder, "path"):  # a latent recipe: its autoencoder run first
+        size = compose("train", overrides).modality.size
+        overrides.append(f"autoencoder.path={_tiny_autoencoder_export(tmp_path / 'AE', (1, size, size))}")
+    cfg = compose("train", overrides)
     parts, module, datamodule, trainer = build(cfg, Path(tmp_path) / "run")
     assert trainer.max_steps == cfg.trainer.max_steps > 0
     assert tuple(parts.adapter.shape)
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))
-    assert batch["x"].shape[1:] == tuple(parts.adapter.shape) and len(batch["text"]) == cfg.data.batch_size
+    assert len(batch["text"]) == cfg.data.batch_size
+    if parts.stage is None or parts.stage.is_identity or cfg.task == "autoencoder":
+        assert batch["x"].shape[1:] == tuple(parts.adapter.shape)
+    else:  # latents from the cache
+        assert batch["z"].shape[1:] == parts.stage.latent_shape() == module.denoiser.backbone.shape
 
 
 def test_command_line_overrides_win_over_recipe():

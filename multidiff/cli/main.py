@@ -22,6 +22,7 @@ COMMANDS = ("train", "generate", "recipes")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from multidiff.autoencoders.base import AutoencoderError
     from multidiff.backbones.base import BackboneShapeError
     from multidiff.backbones.unet3d import InflationError
     from multidiff.cli.compose import ConfigError
@@ -32,7 +33,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from multidiff.pipeline import GenerationError, ModelLoadError
 
     return (ConfigError, ConditioningError, UnsafeConfigError, DatasetError, GenerationError, ModelLoadError,
-            TrainingStopped, BackboneShapeError, InflationError)
+            TrainingStopped, BackboneShapeError, InflationError, AutoencoderError)
 
 
 def _user_error(e: BaseException) -> str | None:
@@ -49,7 +50,8 @@ def _user_error(e: BaseException) -> str | None:
         cause = e.__cause__
         if cause is not None and isinstance(cause, _known_errors()):
             return str(cause)
-        return f"could not build an object from the config: {str(e).splitlines()[0]}"
+        reason = f" ({type(cause).__name__}: {' '.join(str(cause).split())[:300]})" if cause is not None else ""
+        return f"could not build an object from the config: {str(e).splitlines()[0].rstrip(':')}{reason}"
     return None
 
 

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -44,6 +45,8 @@ class RunOptions(Options):
 
     run_dir: str | None = None
     """where the run writes checkpoints/, model/, samples/ and logs/ (null: runs/<recipe>-<time>)."""
+    task: Literal["diffusion", "autoencoder"] = "diffusion"
+    """what the run trains: a diffusion model, or the autoencoder of a latent stage (autoencoder=conv)."""
     seed: int = 0
     """seeds weights, noise, condition dropout and the data order."""
     data_root: str = "data"
@@ -127,17 +130,30 @@ def preflight(cfg: DictConfig) -> TrainingOptions:
     trusted = trusted_prefixes(cfg)
     adapter = safe_instantiate(cfg.modality, trusted=trusted, source="train config")
     check_config(cfg.data.dataset, trusted=trusted, source="train config", adapter=adapter)
-    check_config(cfg.backbone, trusted=trusted, source="train config", shape=tuple(adapter.shape))
+    latent = cfg.get("autoencoder") is not None
+    if latent:  # e.g. autoencoder.path must be an autoencoder export for this modality's items
+        check_config(cfg.autoencoder, trusted=trusted, source="train config", shape=tuple(adapter.shape))
+    if cfg.get("task", "diffusion") == "diffusion":
+        # a latent model's backbone shape is known only once the stage is built (its weights load)
+        shape = {} if latent and "Identity" not in str(cfg.autoencoder.get("_target_")) else {"shape": tuple(adapter.shape)}
+        check_config(cfg.backbone, trusted=trusted, source="train config", **shape)
     return options
 
 
 def build(cfg: DictConfig, run_dir: Path, options: TrainingOptions | None = None):
-    """Everything ``trainer.fit`` needs: model parts, module, data module, trainer."""
+    """Everything ``trainer.fit`` needs: model parts, module, data module, trainer (for ``task``)."""
+    options = options or read_options(cfg)
+    return _BUILDERS[cfg.get("task", "diffusion")](cfg, run_dir, options)
+
+
+def build_diffusion(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
+    """``task=diffusion``: the model parts (adapter, latent stage, denoiser, ...), :class:`DiffusionModule`,
+    the data module (latents cached under ``data_root`` for a latent model) and the trainer."""
+    from multidiff.datasets.cache import prepare_dataset
     from multidiff.pipeline import build_parts
     from multidiff.training.data import DiffusionDataModule
     from multidiff.training.module import DiffusionModule
 
-    options = options or read_options(cfg)
     make = partial(safe_instantiate, trusted=trusted_prefixes(cfg), source="train config")
     parts = build_parts(cfg, source="train config")
     try:
@@ -145,19 +161,60 @@ def build(cfg: DictConfig, run_dir: Path, options: TrainingOptions | None = None
     except OptionError as e:
         raise ConfigError(f"{e} ({type(parts.adapter).__name__})") from None
     parts.denoiser.backbone.prepare_training()  # e.g. inflate from an image model (backbone.init_from)
+    prepare = partial(prepare_dataset, stage=parts.stage, conditioner=parts.conditioner, root=cfg.data_root,
+                      cache=bool(cfg.data.get("cache_latents", True)))
     datamodule = DiffusionDataModule(partial(make, cfg.data.dataset, adapter=parts.adapter),
-                                     batch_size=cfg.data.batch_size, num_workers=cfg.data.get("num_workers", 0), seed=cfg.seed)
+                                     batch_size=cfg.data.batch_size, num_workers=cfg.data.get("num_workers", 0), seed=cfg.seed,
+                                     prepare=prepare)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     module = DiffusionModule(
         parts.denoiser, make(cfg.diffusion.noise), parts.conditioner,
         make(cfg.optimizer, lr=batch_plan(cfg, trainer_kwargs)["lr"]),
         make(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
         cond_dropout=cfg.conditioning.dropout, training=options, config=OmegaConf.to_container(cfg, resolve=True),
-        seed=cfg.seed,
+        seed=cfg.seed, stage=parts.stage,
     )
     callbacks = build_callbacks(cfg, parts, options, run_dir, make, progress=trainer_kwargs.get("enable_progress_bar", True))
     logger = make(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
     return parts, module, datamodule, build_trainer(trainer_kwargs, run_dir, callbacks, logger)
+
+
+def build_autoencoder(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
+    """``task=autoencoder``: the adapter, the trainable stage of ``autoencoder=``, an
+    :class:`AutoencoderModule`, the data module and the trainer (no conditioner, no backbone)."""
+    from multidiff.pipeline import ModelParts
+    from multidiff.training.autoencoder import AutoencoderModule, ReconstructionOptions
+    from multidiff.training.data import DiffusionDataModule
+
+    make = partial(safe_instantiate, trusted=trusted_prefixes(cfg), source="train config")
+    adapter = make(cfg.modality)
+    node = cfg.get("autoencoder")
+    stage = None if node is None else make(node, shape=tuple(adapter.shape))
+    if stage is None or not hasattr(stage, "reconstruction_loss"):
+        raise ConfigError(
+            f"task=autoencoder trains the autoencoder that autoencoder= names, but {type(stage).__name__} is not "
+            "trainable (it has no reconstruction_loss); choose autoencoder=conv (or perframe for clips), or "
+            "task=diffusion to use this one as a latent stage"
+        )
+    try:
+        reconstruction = ReconstructionOptions.from_mapping(cfg.get("reconstruction"))
+    except OptionError as e:
+        raise ConfigError(str(e)) from None
+    datamodule = DiffusionDataModule(partial(make, cfg.data.dataset, adapter=adapter), batch_size=cfg.data.batch_size,
+                                     num_workers=cfg.data.get("num_workers", 0), seed=cfg.seed)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    module = AutoencoderModule(
+        stage, make(cfg.optimizer, lr=batch_plan(cfg, trainer_kwargs)["lr"]),
+        make(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None, reconstruction=reconstruction,
+        training=options, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
+    )
+    callbacks = build_callbacks(cfg, None, options, run_dir, make, progress=trainer_kwargs.get("enable_progress_bar", True))
+    logger = make(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
+    parts = ModelParts(adapter=adapter, denoiser=None, schedule=None, conditioner=None, stage=stage)
+    return parts, module, datamodule, build_trainer(trainer_kwargs, run_dir, callbacks, logger)
+
+
+_BUILDERS = {"diffusion": build_diffusion, "autoencoder": build_autoencoder}
 
 
 def build_callbacks(cfg: DictConfig, parts, options: TrainingOptions, run_dir: Path, make, *, progress: bool) -> list:
@@ -171,7 +228,7 @@ def build_callbacks(cfg: DictConfig, parts, options: TrainingOptions, run_dir: P
     callbacks = [GracefulStop(last), LastCheckpoint(last, every), NonFiniteGuard(options.nonfinite)]
     if options.inject_signal_at_step is not None:
         callbacks.append(SignalAtStep(options.inject_signal_at_step, options.inject_signal))
-    samples_cfg = cfg.callbacks.get("samples")
+    samples_cfg = cfg.callbacks.get("samples") if parts is not None else None  # an autoencoder run draws no samples
     # A recipe may tune previews (callbacks.samples.every_n_steps) that callbacks=none switched off:
     # without a _target_ there is no callback to tune, so there are no previews.
     if samples_cfg is not None and samples_cfg.get("_target_"):
@@ -357,7 +414,37 @@ def _train(cfg: DictConfig, run_dir: Path, options: TrainingOptions) -> Path:
         # Resuming it continues training, but not on exactly the batches an uninterrupted run would see.
         save_full_checkpoint(trainer, final.checkpoint_path)
     if trainer.is_global_zero:
-        out = export_model(run_dir / "model", cfg, module.ema.backbone)
+        if cfg.get("task", "diffusion") == "autoencoder":
+            out = _export_autoencoder(cfg, run_dir, parts, module, datamodule, trainer)
+        else:
+            out = export_model(run_dir / "model", cfg, module.ema.backbone, stage=module.stage)
         log.info("exported model to %s", out)
         print(f"run directory: {run_dir}\nexported model: {out}")
     return run_dir
+
+
+def _export_autoencoder(cfg: DictConfig, run_dir: Path, parts, module, datamodule, trainer) -> Path:
+    """Measure the EMA autoencoder's reconstructions (``RUN/reconstruction.json``, a preview grid of
+    inputs over reconstructions in ``RUN/samples/``) and export it to ``RUN/model``."""
+    import json
+
+    from multidiff.autoencoders.trained import export_autoencoder
+    from multidiff.evaluation.reconstruction import reconstruction_metrics
+
+    stage = module.ema
+    metrics = None
+    if module.reconstruction.eval_items > 0:
+        metrics, x, x_hat = reconstruction_metrics(stage, datamodule.dataset, items=module.reconstruction.eval_items,
+                                                   device=module.device)
+        (run_dir / "reconstruction.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        for logger in trainer.loggers:
+            logger.log_metrics({f"reconstruction/{k}": metrics[k] for k in ("l1", "mse", "psnr")}, step=trainer.global_step)
+            logger.save()
+        log.info("reconstruction of %d items: l1 %.4f, mse %.5f, psnr %.2f dB", metrics["items"], metrics["l1"],
+                 metrics["mse"], metrics["psnr"])
+        k = min(8, len(x))
+        raws = [parts.adapter.decode(t) for t in (*x[:k], *x_hat[:k])]
+        parts.adapter.write_previews(raws, run_dir / "samples" / "reconstruction", nrow=k)
+    node = {key: cfg[key] for key in ("modality", "autoencoder", "trusted_targets") if key in cfg}
+    text = OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(OmegaConf.create(node), resolve=True)))
+    return export_autoencoder(run_dir / "model", stage.cpu(), text, metrics=metrics)

@@ -130,7 +130,10 @@ class TextConditioner:
         self._null: Cond | None = None
 
     def to(self, device) -> TextConditioner:
-        self.device = torch.device(device)
+        device = torch.device(device)
+        if device != self.device:  # cached encodings follow the model
+            self._cache = {p: tuple(t.to(device) for t in row) for p, row in self._cache.items()}
+        self.device = device
         self.model.to(self.device)
         self._null = None
         return self
@@ -173,6 +176,31 @@ class TextConditioner:
         )
 
     __call__ = encode
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the encoder's weights, tokenizer vocabulary and ``max_length``: what an
+        embedding cache on disk is keyed by (another encoder or length never reuses it)."""
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256(f"{type(self.tokenizer).__name__}:{self.max_length}:{len(self.tokenizer)}".encode())
+            for key, value in sorted(self.model.state_dict().items()):
+                h.update(key.encode())
+                h.update(value.detach().cpu().contiguous().float().numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def embedding_table(self, prompts: list[str]) -> dict[str, Tensor]:
+        """``tokens``, ``mask`` and ``pooled`` of ``prompts`` (stacked, on the CPU) for a cache on disk."""
+        cond = self.encode(list(prompts))
+        return {"tokens": cond.tokens.cpu().contiguous(), "mask": cond.mask.cpu().contiguous(),
+                "pooled": cond.pooled.cpu().contiguous()}
+
+    def preload(self, prompts: list[str], table: dict[str, Tensor]) -> None:
+        """Fill the in-memory cache from :meth:`embedding_table`'s output: these prompts are then never
+        run through the encoder."""
+        for i, prompt in enumerate(prompts):
+            self._cache[prompt] = (table["tokens"][i].to(self.device), table["mask"][i].to(self.device),
+                                   table["pooled"][i].to(self.device))
+        self._null = None
 
     def null(self, batch: int = 1) -> Cond:
         """The null condition (the empty prompt) for classifier-free guidance, batch ``batch``."""

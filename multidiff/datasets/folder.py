@@ -150,5 +150,6 @@ class CaptionFolder(Dataset):
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stack model tensors; keep captions as a list of strings."""
-    return {"x": torch.stack([b["x"] for b in batch]), "text": [b["text"] for b in batch]}
+    """Stack model tensors (``x`` data, or ``z`` cached latents); keep captions as a list of strings."""
+    key = "z" if "z" in batch[0] else "x"
+    return {key: torch.stack([b[key] for b in batch]), "text": [b["text"] for b in batch]}

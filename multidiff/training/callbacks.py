@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from multidiff.pipeline import sample_prompts
+from multidiff.pipeline import decode_samples, sample_prompts
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ class SamplePreviews(L.Callback):
     The adapter, schedule, sampler and run directory are handed over by the training entry point
     with :meth:`bind` (``multidiff train`` does it); a callback that was never bound stops
     ``trainer.fit`` at its start with a :class:`PreviewsNotBound` naming what is missing, instead of
-    training without previews. The callback itself knows no modality: it calls ``adapter.decode``,
+    training without previews. The callback itself knows no modality: it decodes through the
+    module's latent stage (``pl_module.stage``, when there is one) and calls ``adapter.decode``,
     ``adapter.write_previews`` and, when the adapter has one, ``adapter.log_media``
     (modality-specific media for the logger).
     """
@@ -83,11 +84,14 @@ class SamplePreviews(L.Callback):
             return None
         flat = [p for p in self.prompts for _ in range(self.num_per_prompt)]
         seeds = [self.seed + k for k in range(len(flat))]
-        x0 = sample_prompts(
-            pl_module.ema, pl_module.conditioner, flat, seeds, tuple(self.adapter.sample_shape()), self.sampler,
+        stage = getattr(pl_module, "stage", None)  # a latent model's stage decodes the samples first
+        data_shape = tuple(self.adapter.sample_shape())
+        z = sample_prompts(
+            pl_module.ema, pl_module.conditioner, flat, seeds,
+            data_shape if stage is None else stage.latent_shape(data_shape), self.sampler,
             self.schedule.sigmas(self.steps), guidance_scale=self.guidance_scale, device=pl_module.device,
         )
-        raws = [self.adapter.decode(x).cpu() for x in x0]
+        raws = [raw.cpu() for raw in decode_samples(stage, self.adapter, z, data_shape)]
         stem = self.run_dir / "samples" / f"step_{trainer.global_step:06d}"
         out, grid = self.adapter.write_previews(raws, stem, nrow=self.num_per_prompt * 2)
         for logger in trainer.loggers:

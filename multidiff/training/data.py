@@ -44,20 +44,28 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 
 class DiffusionDataModule(L.LightningDataModule):
-    """Wraps a dataset (built lazily by ``dataset_factory``) in a shuffled, resumable loader.
+    """Wraps a dataset (built lazily by ``dataset_factory``, then passed through ``prepare(dataset,
+    device=...)`` when given) in a shuffled, resumable loader.
 
     ``batch_size`` is per device; the global batch is ``batch_size * world_size`` (times
     gradient accumulation).
     """
 
-    def __init__(self, dataset_factory, *, batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(self, dataset_factory, *, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                 prepare=None) -> None:
         super().__init__()
         self.dataset_factory, self.batch_size, self.num_workers, self.seed = dataset_factory, batch_size, num_workers, seed
+        self.prepare = prepare
         self.dataset: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
-            self.dataset = self.dataset_factory()
+            dataset = self.dataset_factory()
+            if self.prepare is not None:  # e.g. latents encoded once on this process's device (or read from disk)
+                trainer = self.trainer
+                device = trainer.strategy.root_device if trainer is not None else "cpu"
+                dataset = self.prepare(dataset, device=device)
+            self.dataset = dataset
 
     def _position(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -17,7 +17,9 @@ from multidiff.training.options import TrainingOptions
 
 
 class DiffusionModule(L.LightningModule):
-    """Trains ``denoiser`` on batches ``{"x": (B, C, *dims), "text": [B strings]}``.
+    """Trains ``denoiser`` on batches ``{"x": (B, C, *dims), "text": [B strings]}`` (data, encoded by
+    the latent stage in the step) or ``{"z": raw latents, "text": ...}`` (latents cached on disk,
+    only normalized here).
 
     Args:
         denoiser: a :class:`Denoiser` (backbone + parameterization).
@@ -27,6 +29,8 @@ class DiffusionModule(L.LightningModule):
         lr_scheduler: optional ``partial`` taking the optimizer (stepped every optimizer step).
         cond_dropout: probability of training a sample with the null condition (for CFG).
         config: the run's resolved config, stored in every checkpoint for loading without Hydra.
+        stage: the latent stage (frozen; ``encode``/``normalize`` only), or ``None`` for data the
+            backbone sees as it is. It is a submodule, so checkpoints carry its latent scale.
         seed: seeds the module's own generator for noise levels, noise and condition dropout. It is
             re-seeded every batch from ``(seed, epoch, batch index)``, so a resumed run (on
             every rank) draws exactly what the uninterrupted run would have drawn, with no RNG
@@ -57,8 +61,10 @@ class DiffusionModule(L.LightningModule):
         training: TrainingOptions | None = None,
         config: DictConfig | dict | None = None,
         seed: int = 0,
+        stage=None,
     ) -> None:
         super().__init__()
+        self.stage = None if stage is None or stage.is_identity else stage.requires_grad_(False).eval()
         self.options = training = training or TrainingOptions()
         self.denoiser = denoiser
         self.ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
@@ -72,6 +78,21 @@ class DiffusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.conditioner.to(self.device)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.stage is not None:  # frozen: never in training mode (dropout, norms)
+            self.stage.eval()
+        return self
+
+    @torch.no_grad()
+    def latents(self, batch: dict) -> torch.Tensor:
+        """The model tensors ``x0`` of a batch: cached raw latents normalized, or data encoded by the stage."""
+        if "z" in batch:
+            if self.stage is None:
+                raise ValueError("a batch of cached latents ('z') reached a model without a latent stage")
+            return self.stage.normalize(batch["z"])
+        return batch["x"] if self.stage is None else self.stage.encode(batch["x"])
 
     def on_train_start(self) -> None:
         if self.global_step > 0:  # resumed: loggers that keep history drop what the checkpoint does not cover
@@ -87,7 +108,7 @@ class DiffusionModule(L.LightningModule):
         return self._rng.manual_seed(key)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        x0 = batch["x"]
+        x0 = self.latents(batch)
         rng = self._batch_rng(batch_idx)
         # Draw noise levels, noise and dropout for the whole global batch and keep this rank's
         # rows (the batch sampler gives rank r the rows r::world): R processes then compute

@@ -1,0 +1,99 @@
+"""Training a latent stage: the LightningModule of ``multidiff train task=autoencoder``.
+
+It knows of the stage only its trainable contract: ``reconstruction_loss(x, noise=..., loss=...,
+kl_weight=...) -> {"loss": (B,), ...}`` and ``latent_shape``. Noise for the posterior sample is
+drawn per global batch from a generator keyed by ``(seed, epoch, batch)`` and each rank keeps its
+rows, as in :class:`~multidiff.training.module.DiffusionModule`: a resumed run draws exactly what
+the uninterrupted run would have drawn, and ``R`` processes compute what one computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from multidiff.options import Options
+from multidiff.training.ema import ema_decay, ema_update
+from multidiff.training.options import TrainingOptions
+
+
+@dataclass(frozen=True)
+class ReconstructionOptions(Options):
+    """What ``reconstruction.*`` may hold (the losses and evaluation of ``task=autoencoder``)."""
+
+    PREFIX = "reconstruction."
+    WHERE = "conf/train.yaml explains each"
+
+    loss: Literal["l1", "l2"] = "l1"
+    """reconstruction error: l1 (mean absolute) or l2 (mean squared)."""
+    kl_weight: float = 1.0e-6
+    """weight of the KL term of a kl bottleneck (per latent element; 0 = none)."""
+    eval_items: int = 512
+    """items whose reconstructions are measured at the end (reconstruction.json; 0 = none)."""
+
+    def rules(self):
+        return [("kl_weight", math.isfinite(self.kl_weight) and self.kl_weight >= 0, "a number >= 0"),
+                ("eval_items", self.eval_items >= 0, "a whole number >= 0")]
+
+
+class AutoencoderModule(L.LightningModule):
+    """Trains a stage with a ``reconstruction_loss`` on batches ``{"x": (B, C, *dims), ...}``; keeps an
+    EMA copy (what is exported and measured)."""
+
+    def __init__(self, autoencoder, optimizer: partial, lr_scheduler: partial | None = None, *,
+                 reconstruction: ReconstructionOptions | None = None, training: TrainingOptions | None = None,
+                 config: DictConfig | dict | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder.requires_grad_(True).train()
+        self.ema = copy.deepcopy(autoencoder).requires_grad_(False).eval()
+        self.reconstruction = reconstruction or ReconstructionOptions()
+        self.options = training or TrainingOptions()
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.config, self.seed = config, seed
+        self._rng: torch.Generator | None = None
+
+    def _batch_rng(self, batch_idx: int) -> torch.Generator:
+        if self._rng is None or self._rng.device != self.device:
+            self._rng = torch.Generator(device=self.device)
+        return self._rng.manual_seed(hash((self.seed, self.current_epoch, batch_idx)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["x"]
+        world, rank, b = self.trainer.world_size if self._trainer else 1, self.global_rank, x.shape[0]
+        shape = (b * world, *self.autoencoder.latent_shape(tuple(x.shape[1:])))
+        noise = torch.randn(shape, generator=self._batch_rng(batch_idx), device=x.device)[rank::world].to(x.dtype)
+        losses = self.autoencoder.reconstruction_loss(x, noise=noise, loss=self.reconstruction.loss,
+                                                      kl_weight=self.reconstruction.kl_weight)
+        loss = losses["loss"].mean()
+        if not torch.isfinite(loss):
+            from multidiff.training.faults import NonFiniteLossError
+
+            raise NonFiniteLossError(f"non-finite reconstruction loss ({loss.item()}) at step {self.global_step}; "
+                                     "lower optimizer.lr or check the data")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=b, sync_dist=world > 1)
+        for name in ("recon", "kl"):
+            if name in losses:
+                self.log(f"train/{name}", losses[name].mean(), on_step=True, batch_size=b, sync_dist=world > 1)
+        return loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer.step(closure=optimizer_closure)
+        ema_update(self.ema, self.autoencoder, ema_decay(self.global_step + 1, self.options.ema_decay))
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.autoencoder.parameters())
+        if self.lr_scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.config is not None:
+            cfg = self.config if isinstance(self.config, DictConfig) else OmegaConf.create(self.config)
+            checkpoint["multidiff_config"] = OmegaConf.to_container(cfg, resolve=True)
