@@ -2,6 +2,12 @@
 
     python benchmarks/video_moving_digits_quality.py --train             # train the recipe (timed), then evaluate
     python benchmarks/video_moving_digits_quality.py --model runs/video_digits/model
+    python benchmarks/video_moving_digits_quality.py --train --recipe video_moving_digits_latent \
+        --autoencoder-recipe autoencoder_moving_digits --model runs/video_latent/model --name video_moving_digits_latent_recipe
+
+The frame size, frame count, digit size and speed are those the model was trained with (its run's
+``config.yaml``); with ``--autoencoder-recipe`` the autoencoder is trained first (timed, into ``AE/``
+beside the model's run directory) and its reconstructions of real clips are judged too.
 
 For prompts over every digit and direction ("the digit 3 moving to the left"), generated clips are
 judged by two measurements made on the frames only:
@@ -79,14 +85,17 @@ class Judge:
     real and generated digits cut out the same way.
     """
 
-    def __init__(self, digit_size: int = 8, seed: int = 0, pca_dim: int = 16, window: int = 10) -> None:
+    def __init__(self, digit_size: int = 8, seed: int = 0, pca_dim: int = 16, window: int | None = None,
+                 min_speed: float = 0.25) -> None:
         from sklearn.decomposition import PCA
         from sklearn.model_selection import train_test_split
         from sklearn.svm import SVC
 
-        self.size, self.window = digit_size, window
+        window = window or digit_size + 2 * max(1, digit_size // 8)
+        self.size, self.window, self.min_speed = digit_size, window, min_speed
         images, labels = digits_images(digit_size)
-        canvas = F.pad(images[:, 0], (2, 2, 2, 2)).numpy()  # each real digit on a black canvas
+        margin = (window - digit_size) // 2 + 1
+        canvas = F.pad(images[:, 0], (margin,) * 4).numpy()  # each real digit on a black canvas
         flat = np.stack([self.crops(c[None])[0] for c in canvas]).reshape(len(labels), -1)
         idx = np.arange(len(labels))
         tr, te = train_test_split(idx, test_size=0.3, random_state=seed, stratify=labels)
@@ -114,7 +123,7 @@ class Judge:
         frame_pred = self.clf.predict(crops.reshape(n * t, -1)).reshape(n, t)
         clip_pred = np.array([np.bincount(p, minlength=10).argmax() for p in frame_pred])
         vel = np.stack([velocity(c) for c in clips])
-        moved = [direction_of(v) for v in vel]
+        moved = [direction_of(v, min_speed=self.min_speed) for v in vel]
         mass = clips.reshape(n, t, -1).sum(2)
         return {
             "direction_acc": float(np.mean([m == d for m, d in zip(moved, directions)])),
@@ -128,12 +137,13 @@ class Judge:
         }
 
 
-def real_clips(judge: Judge, data_root: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Real clips of held-out digits (materialized like the recipe's data)."""
+def real_clips(judge: Judge, data_root: str, limit: int | None = None, **data) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Real clips of held-out digits (materialized like the recipe's data: ``data`` are the settings of
+    :func:`materialize_moving_digits`)."""
     from multidiff.adapters.video import read_video
     from multidiff.datasets.moving_digits import materialize_moving_digits, read_rows
 
-    folder = materialize_moving_digits(data_root)
+    folder = materialize_moving_digits(data_root, **data)
     rows = [r for r in read_rows(folder) if r["digit_index"] in judge.test_digits][:limit]
     clips = np.stack([read_video(folder / r["file_name"], channels=1)[0][0].numpy() for r in rows])
     return clips, np.array([r["label"] for r in rows]), [r["direction"] for r in rows]
@@ -173,12 +183,23 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--data-root", default="data")
     ap.add_argument("--name", default="video_moving_digits_quality")
+    ap.add_argument("--recipe", default="video_moving_digits", help="the recipe --train trains")
+    ap.add_argument("--autoencoder-recipe", default=None, help="train this autoencoder recipe first (latent recipes)")
+    ap.add_argument("--ae-name", default="autoencoder_moving_digits_recipe", help="results file of the autoencoder")
     args = ap.parse_args()
 
-    extra: dict = {}
+    extra: dict = {"recipe": args.recipe}
     model = Path(args.model)
+    ae_model = model.parent.parent / "AE" / "model"
     if args.train:
-        extra.update(train(model.parent, args.data_root, args.train_args.split()))
+        overrides = args.train_args.split()
+        if args.autoencoder_recipe:
+            ae = train(ae_model.parent, args.data_root, [], recipe=args.autoencoder_recipe)
+            extra["autoencoder_minutes"] = ae["train_minutes"]
+            overrides.append(f"autoencoder.path={ae_model}")
+        extra.update(train(model.parent, args.data_root, overrides, recipe=args.recipe))
+        extra["diffusion_minutes"] = extra["train_minutes"]
+        extra["train_minutes"] = round(extra["train_minutes"] + extra.get("autoencoder_minutes", 0), 2)
     metrics = model.parent / "logs" / "metrics.csv"
     if metrics.is_file():
         extra.update(_train_speed(metrics))
@@ -187,14 +208,28 @@ def main() -> None:
 
     torch.manual_seed(0)
     pipe = multidiff.load(model, device="cpu")
-    judge = Judge()
-    extra.update({"model": str(model), "real_test_accuracy": judge.real_accuracy,
+    data = data_settings(model, pipe)
+    judge = Judge(digit_size=data["digit_size"], min_speed=0.25 * data["speed"])
+    extra.update({"model": str(model), "real_test_accuracy": judge.real_accuracy, "data": data,
                   "prompt": "the digit {d} moving {to the left|to the right|up|down}"})
     rows = []
-    clips, digits, dirs = real_clips(judge, args.data_root)
+    clips, digits, dirs = real_clips(judge, args.data_root, **data)
     rows.append({"source": "real clips (held-out digits)", "frames": clips.shape[1], "clips": len(clips),
                  **judge.score(clips, digits, dirs)})
+    if not pipe.stage.is_identity:
+        recon = reconstruct(pipe.stage, clips)
+        row = {"source": "real clips through the autoencoder", "frames": recon.shape[1], "clips": len(recon),
+               **judge.score(recon, digits, dirs)}
+        row["agreement"] = agreement(judge, clips, recon)
+        rows.append(row)
+        print(f"autoencoder: digit {row['digit_acc']:.3f} direction {row['direction_acc']:.3f} "
+              f"frame agreement {row['agreement']:.4f}", flush=True)
+        ae_extra = {"recipe": args.autoencoder_recipe, "model": str(ae_model)}
+        if "autoencoder_minutes" in extra:
+            ae_extra["train_minutes"] = extra["autoencoder_minutes"]
+        write_results(args.ae_name, [row], list(row), ae_extra)
     g, n, n2 = args.guidance, args.per_prompt, args.per_prompt_extra
+    frames = data["num_frames"]
     base = dict(template=0, num_frames=None, sampler="dpmpp_2m", steps=args.steps, guidance=g)
     runs = [
         ("generated", dict(base, per_prompt=n)),
@@ -202,7 +237,7 @@ def main() -> None:
         ("generated, guidance 6", dict(base, per_prompt=n2, guidance=6.0)),
         ("generated, paraphrase 'a handwritten {name} moving ...'", dict(base, per_prompt=n2, template=1)),
         ("generated, ddim", dict(base, per_prompt=n2, sampler="ddim")),
-        ("generated, 16 frames (trained on 8)", dict(base, per_prompt=n2, num_frames=16)),
+        (f"generated, {2 * frames} frames (trained on {frames})", dict(base, per_prompt=n2, num_frames=2 * frames)),
     ]
     for name, kw in runs:
         t0 = time.time()
@@ -221,7 +256,34 @@ def main() -> None:
     print(path.read_text())
 
 
-def train(run_dir: Path, data_root: str, overrides: list[str], attempts: int = 5) -> dict:
+def data_settings(model: Path, pipe) -> dict:
+    """The moving-digits settings the model was trained on: frame size and count from its modality, the
+    rest from its run's ``config.yaml`` (defaults when the run directory is gone)."""
+    from omegaconf import OmegaConf
+
+    config = model.parent / "config.yaml"
+    dataset = OmegaConf.load(config).data.dataset if config.is_file() else {}
+    _, frames, h, w = pipe.adapter.shape
+    return {"canvas": [int(h), int(w)], "num_frames": int(frames), "digit_size": int(dataset.get("digit_size", 8)),
+            "speed": int(dataset.get("speed", 1)), "fps": float(pipe.adapter.fps)}
+
+
+@torch.no_grad()
+def reconstruct(stage, clips: np.ndarray) -> np.ndarray:
+    """Real clips ``(N, T, H, W)`` in [0, 1] through the stage's round trip, back in [0, 1]."""
+    x = torch.from_numpy(clips)[:, None] * 2 - 1
+    out = [stage.decode(stage.encode(x[i : i + 16]), shape=tuple(x.shape[1:])) for i in range(0, len(x), 16)]
+    return ((torch.cat(out)[:, 0] + 1) / 2).clamp(0, 1).numpy()
+
+
+def agreement(judge: Judge, clips: np.ndarray, recon: np.ndarray) -> float:
+    """Share of frames whose reconstruction the digit classifier labels as it labels the real frame."""
+    a, b = (np.stack([judge.crops(c) for c in v]) for v in (clips, recon))
+    n, t = a.shape[:2]
+    return float((judge.clf.predict(a.reshape(n * t, -1)) == judge.clf.predict(b.reshape(n * t, -1))).mean())
+
+
+def train(run_dir: Path, data_root: str, overrides: list[str], attempts: int = 5, recipe: str = "video_moving_digits") -> dict:
     """Train the recipe into ``run_dir``, timed; a run stopped by a signal is resumed (resume=auto)
     and the attempts' times are summed, so the minutes reported are minutes of training."""
     if (run_dir / "model").exists():
@@ -230,7 +292,7 @@ def train(run_dir: Path, data_root: str, overrides: list[str], attempts: int = 5
 
     seconds, done = 0.0, False
     for attempt in range(attempts):
-        argv = ["train", "recipe=video_moving_digits", f"run_dir={run_dir}", f"data_root={data_root}",
+        argv = ["train", f"recipe={recipe}", f"run_dir={run_dir}", f"data_root={data_root}",
                 "+trainer.enable_progress_bar=false", *overrides]
         t0 = time.time()
         code = cli(argv + (["resume=auto"] if attempt else []))  # in process: the timing is the training's

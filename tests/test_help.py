@@ -17,6 +17,7 @@ from multidiff.cli.generate import GenerateOptions
 from multidiff.cli.help import METRIC, recipe_file, recipe_info, reference, render_quality
 from multidiff.cli.train import RunOptions, group_key_rows
 from multidiff.options import REQUIRED, OptionError, Options, format_value
+from multidiff.training.autoencoder import ReconstructionOptions
 from multidiff.training.options import TrainingOptions
 
 
@@ -36,7 +37,8 @@ def _assert_lists(output: str, rows, *, defaults: bool = True) -> None:
 
 def test_train_help_lists_every_option_of_the_schema_with_its_default():
     out = multidiff_cli("train", "--help").stdout
-    _assert_lists(out, [*RunOptions.describe(), *TrainingOptions.describe(), *group_key_rows(compose("train", []))])
+    _assert_lists(out, [*RunOptions.describe(), *TrainingOptions.describe(), *ReconstructionOptions.describe(),
+                        *group_key_rows(compose("train", []))])
     assert "modality      audio, image*, video" in out and "recipe" in out and "image_digits" in out
 
 

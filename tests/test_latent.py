@@ -272,3 +272,78 @@ def test_an_autoencoder_export_is_not_a_diffusion_model(latent_runs):
         from multidiff.autoencoders.trained import trained
 
         trained(root / "RUN" / "model", shape=(1, 16, 16))
+
+
+def test_reconstruction_options_agree_with_conf_train_yaml_and_check_values():
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from multidiff.cli.compose import config_root
+    from multidiff.options import OptionError
+    from multidiff.training.autoencoder import ReconstructionOptions
+
+    documented = OmegaConf.to_container(OmegaConf.load(config_root() / "conf" / "train.yaml").reconstruction)
+    assert documented == {f.name: getattr(ReconstructionOptions(), f.name) for f in dataclasses.fields(ReconstructionOptions)}
+    with pytest.raises(OptionError, match=r"reconstruction.kl_weight=-1 is invalid: it must be a number >= 0"):
+        ReconstructionOptions.from_mapping({"kl_weight": -1})
+    with pytest.raises(OptionError, match="reconstruction.loss"):
+        ReconstructionOptions.from_mapping({"loss": "l3"})
+
+
+# -- resume and DDP for both tasks -----------------------------------------------------------------
+def _state(run, prefix):
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    return state["global_step"], {k: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+
+
+def _assert_same(a, b, atol=1e-6):
+    assert a.keys() == b.keys() and a
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"max difference {worst}"
+
+
+def _ae_train(run, root, *extra, check=True):
+    base = [o for o in AE_TINY if not o.startswith(("trainer.max_steps", "callbacks.checkpoint"))]
+    return multidiff_cli("train", "recipe=autoencoder_digits", f"run_dir={run}", f"data_root={root / 'data'}", *base,
+                         "modality.size=16", "reconstruction.eval_items=0", *extra, check=check)
+
+
+def _latent_train(run, root, *extra, check=True):
+    fast = [o for o in TINY if not o.startswith(("trainer.max_steps", "callbacks.checkpoint"))]
+    return multidiff_cli("train", "recipe=image_digits_latent", f"autoencoder.path={root / 'AE' / 'model'}",
+                         f"run_dir={run}", f"data_root={root / 'data'}", *fast, "modality.size=16",
+                         "callbacks.samples.every_n_steps=0", "callbacks.samples.at_end=false", *extra, check=check)
+
+
+@pytest.mark.parametrize("task", ["autoencoder", "diffusion"])
+def test_resume_after_a_signal_is_exact(latent_runs, tmp_path, task):
+    root, *_ = latent_runs
+    if task == "autoencoder":
+        run_fn, prefixes = _ae_train, ("autoencoder.", "ema.")
+    else:
+        run_fn, prefixes = _latent_train, ("denoiser.", "ema.", "stage.")
+    steps = ["trainer.max_steps=6", "callbacks.checkpoint.every_n_steps=3"]
+    run_fn(tmp_path / "straight", root, *steps)
+    proc = run_fn(tmp_path / "cut", root, *steps, "training.inject_signal_at_step=3")
+    assert "stopped by signal at step 4" in proc.stdout
+    run_fn(tmp_path / "cut", root, *steps, "resume=auto")
+    for prefix in prefixes:
+        step, resumed = _state(tmp_path / "cut", prefix)
+        assert step == 6
+        _assert_same(resumed, _state(tmp_path / "straight", prefix)[1])
+
+
+@pytest.mark.parametrize("task", ["autoencoder", "diffusion"])
+def test_ddp_two_processes_match_one(latent_runs, tmp_path, task):
+    """Two processes at batch 4 train what one process trains at batch 8; for the latent model both
+    processes read the one latent cache (written once, under the lock)."""
+    root, *_ = latent_runs
+    run_fn, prefix = (_ae_train, "autoencoder.") if task == "autoencoder" else (_latent_train, "denoiser.")
+    run_fn(tmp_path / "single", root, "trainer.max_steps=3", "data.batch_size=8")
+    proc = run_fn(tmp_path / "ddp", root, "trainer.max_steps=3", "trainer=ddp", "trainer.devices=2",
+                  "trainer.accelerator=cpu", "data.batch_size=4")
+    assert proc.stdout.count("run directory:") == 1
+    _assert_same(_state(tmp_path / "single", prefix)[1], _state(tmp_path / "ddp", prefix)[1], atol=1e-5)
+    if task == "diffusion":
+        assert len(list((root / "data" / "cache").glob("latents-*"))) == 1

@@ -89,6 +89,8 @@ class Adapter:
       the request (e.g. audio trimmed to the exact duration) and keyword arguments for :meth:`save`
       (e.g. a clip's playback rate); defaults: :attr:`shape`, ``{}``, unchanged, ``{}``.
     - :attr:`formats`: the suffixes :meth:`save` writes (``generate format=`` picks one).
+    - :meth:`reconstruction_terms` ``(x_hat, x)``: the modality's own losses for training an
+      autoencoder on its tensors (e.g. a multi-resolution spectral loss of a waveform); none by default.
 
     Adapters are built from the ``modality`` config with ``_target_`` and keyword arguments, so
     give ``__init__`` plain typed keyword options. See ``docs/new_modality.md`` for a worked example.
@@ -195,6 +197,12 @@ class Adapter:
 
     def save_options(self, **options) -> dict:
         """Keyword arguments for :meth:`save` that follow from generation options (e.g. a clip's fps)."""
+        return {}
+
+    def reconstruction_terms(self, x_hat: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """Modality-specific reconstruction losses of model tensors ``x_hat`` against ``x`` (both
+        ``(B, C, *dims)``), each ``(B,)``; ``task=autoencoder`` adds them weighted by
+        ``reconstruction.spectral_weight``. None by default (the L1/L2 term serves every modality)."""
         return {}
 
     def check_format(self, suffix: str) -> str:

@@ -151,7 +151,8 @@ class ConvAutoencoder(LatentStage):
     def reconstruction_loss(self, x: Tensor, *, noise: Tensor | None = None, loss: str = "l1",
                             kl_weight: float = 1e-6) -> dict[str, Tensor]:
         """Per-item training losses of data ``x``: ``recon`` (mean absolute or squared error), ``kl``
-        (to a unit Gaussian, per latent element; 0 for a plain bottleneck) and their weighted sum ``loss``.
+        (to a unit Gaussian, per latent element; 0 for a plain bottleneck) and their weighted sum ``loss``,
+        each ``(B,)``, plus the reconstruction ``x_hat`` (for losses of the caller's own).
         ``noise`` (shaped like the latents, drawn by the training module) samples the posterior; ``None``
         decodes its mean."""
         padded = self.pad(x)
@@ -164,4 +165,4 @@ class ConvAutoencoder(LatentStage):
         x_hat = self.decode_raw(z)[(slice(None), slice(None), *(slice(0, d) for d in x.shape[2:]))]
         err = (x_hat - x).abs() if loss == "l1" else (x_hat - x).square()
         recon = err.flatten(1).mean(1)
-        return {"loss": recon + kl_weight * kl, "recon": recon, "kl": kl}
+        return {"loss": recon + kl_weight * kl, "recon": recon, "kl": kl, "x_hat": x_hat}

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from multidiff.cli.compose import RECIPE_GROUP, available, config_root
 from multidiff.options import OptionRow, format_value
 
-TRAIN_GROUPS = ("modality", "backbone", "diffusion", "conditioning", "data", "sampler", "trainer", "callbacks", "logger")
+TRAIN_GROUPS = ("modality", "autoencoder", "backbone", "diffusion", "conditioning", "data", "sampler", "trainer", "callbacks", "logger")
 GENERATE_GROUPS = ("sampler",)
 USAGE = {
     "train": "usage: multidiff train [recipe=NAME] [key=value ...] [--cfg] [--help]",
@@ -69,12 +69,14 @@ def group_lines(groups: Iterable[str], choices: dict[str, str], extra_dirs: list
 def train_help(cfg: DictConfig, choices: dict[str, str], extra_dirs: list[Path] = ()) -> str:
     """``multidiff train [overrides] --help``: every option, with the values of this composition."""
     from multidiff.cli.train import RunOptions, group_key_rows
+    from multidiff.training.autoencoder import ReconstructionOptions
     from multidiff.training.options import TrainingOptions
 
     recipe = choices.get(f"{RECIPE_GROUP}@_global_")
     lines = [USAGE["train"], "", ABOUT["train"], "",
              f"options (key=value; type, value{' with recipe ' + recipe if recipe else ''}, meaning):"]
-    lines += option_table([*RunOptions.describe(), *TrainingOptions.describe(), *group_key_rows()], cfg)
+    lines += option_table([*RunOptions.describe(), *TrainingOptions.describe(), *ReconstructionOptions.describe(),
+                           *group_key_rows()], cfg)
     lines += ["", "config groups (group=option; * = chosen):",
               "  " + f"{'recipe':<12}  " + ", ".join(r + ("*" if r == recipe else "") for r in available(RECIPE_GROUP, extra_dirs))
               + "   (multidiff recipes describes each)"]
@@ -171,6 +173,7 @@ def reference() -> str:
     from multidiff.cli.compose import compose
     from multidiff.cli.generate import GenerateOptions
     from multidiff.cli.train import RunOptions, group_key_rows
+    from multidiff.training.autoencoder import ReconstructionOptions
     from multidiff.training.options import TrainingOptions
 
     lines = ["# Option reference", "",
@@ -180,6 +183,8 @@ def reference() -> str:
              "## multidiff train", "", "Top-level keys (`conf/train.yaml`):", ""]
     lines += _md_rows(RunOptions.describe())
     lines += ["", "Training options (`training.*`):", ""] + _md_rows(TrainingOptions.describe())
+    lines += ["", "Autoencoder training (`reconstruction.*`, read with `task=autoencoder`):", ""]
+    lines += _md_rows(ReconstructionOptions.describe())
     lines += ["", "Keys of config groups that a run checks before it starts (the defaults are those of the default",
               "groups; a recipe or another group option sets its own):", ""]
     lines += _md_rows(group_key_rows(compose("train", [])))

@@ -207,6 +207,7 @@ def build_autoencoder(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
         stage, make(cfg.optimizer, lr=batch_plan(cfg, trainer_kwargs)["lr"]),
         make(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None, reconstruction=reconstruction,
         training=options, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
+        terms=adapter.reconstruction_terms,
     )
     callbacks = build_callbacks(cfg, None, options, run_dir, make, progress=trainer_kwargs.get("enable_progress_bar", True))
     logger = make(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False

@@ -35,22 +35,27 @@ class ReconstructionOptions(Options):
     """reconstruction error: l1 (mean absolute) or l2 (mean squared)."""
     kl_weight: float = 1.0e-6
     """weight of the KL term of a kl bottleneck (per latent element; 0 = none)."""
+    spectral_weight: float = 1.0
+    """weight of the modality's own reconstruction terms (its adapter's reconstruction_terms, e.g. a spectral loss)."""
     eval_items: int = 512
     """items whose reconstructions are measured at the end (reconstruction.json; 0 = none)."""
 
     def rules(self):
         return [("kl_weight", math.isfinite(self.kl_weight) and self.kl_weight >= 0, "a number >= 0"),
+                ("spectral_weight", math.isfinite(self.spectral_weight) and self.spectral_weight >= 0, "a number >= 0"),
                 ("eval_items", self.eval_items >= 0, "a whole number >= 0")]
 
 
 class AutoencoderModule(L.LightningModule):
     """Trains a stage with a ``reconstruction_loss`` on batches ``{"x": (B, C, *dims), ...}``; keeps an
-    EMA copy (what is exported and measured)."""
+    EMA copy (what is exported and measured). ``terms``: the modality's own losses
+    (``adapter.reconstruction_terms(x_hat, x) -> {name: (B,)}``), added with ``spectral_weight``."""
 
     def __init__(self, autoencoder, optimizer: partial, lr_scheduler: partial | None = None, *,
                  reconstruction: ReconstructionOptions | None = None, training: TrainingOptions | None = None,
-                 config: DictConfig | dict | None = None, seed: int = 0) -> None:
+                 config: DictConfig | dict | None = None, seed: int = 0, terms=None) -> None:
         super().__init__()
+        self.terms = terms
         self.autoencoder = autoencoder.requires_grad_(True).train()
         self.ema = copy.deepcopy(autoencoder).requires_grad_(False).eval()
         self.reconstruction = reconstruction or ReconstructionOptions()
@@ -71,16 +76,19 @@ class AutoencoderModule(L.LightningModule):
         noise = torch.randn(shape, generator=self._batch_rng(batch_idx), device=x.device)[rank::world].to(x.dtype)
         losses = self.autoencoder.reconstruction_loss(x, noise=noise, loss=self.reconstruction.loss,
                                                       kl_weight=self.reconstruction.kl_weight)
-        loss = losses["loss"].mean()
+        per_item = losses["loss"]
+        extra = self.terms(losses["x_hat"], x) if self.terms is not None and self.reconstruction.spectral_weight else {}
+        for term in extra.values():
+            per_item = per_item + self.reconstruction.spectral_weight * term
+        loss = per_item.mean()
         if not torch.isfinite(loss):
             from multidiff.training.faults import NonFiniteLossError
 
             raise NonFiniteLossError(f"non-finite reconstruction loss ({loss.item()}) at step {self.global_step}; "
                                      "lower optimizer.lr or check the data")
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=b, sync_dist=world > 1)
-        for name in ("recon", "kl"):
-            if name in losses:
-                self.log(f"train/{name}", losses[name].mean(), on_step=True, batch_size=b, sync_dist=world > 1)
+        for name, value in [*((k, losses[k]) for k in ("recon", "kl") if k in losses), *extra.items()]:
+            self.log(f"train/{name}", value.mean(), on_step=True, batch_size=b, sync_dist=world > 1)
         return loss
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:

@@ -4,7 +4,8 @@ This is the whole modality as multidiff sees it. It implements the five required
 :class:`multidiff.adapters.base.Adapter` (``shape``, ``load``, ``encode``, ``decode``, ``save``)
 and overrides a few optional ones: ``preview`` (a line plot, so training previews are readable),
 ``generation_options`` (its own ``length=`` and ``duration=``, which ``multidiff generate`` passes
-through without knowing them) with ``sample_shape`` / ``metadata`` that read them.
+through without knowing them) with ``sample_shape`` / ``metadata`` that read them, and
+``reconstruction_terms`` (a multi-resolution spectral loss for training an autoencoder of series).
 """
 
 from __future__ import annotations
@@ -112,6 +113,26 @@ class TimeSeriesAdapter(Adapter):
         return image_to_tensor(plot_series(raw, sample_rate=self.sample_rate, y_range=1.2 * self.scale))
 
     # --- generation options -----------------------------------------------------------------------
+
+    def reconstruction_terms(self, x_hat: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """A multi-resolution spectral loss for ``task=autoencoder`` (spectral convergence plus the L1 of
+        log STFT magnitudes at three window sizes, as waveform autoencoders are trained): an L1 on the
+        samples alone lets a series' frequencies blur. ``(B, C, L)`` twice -> ``{"spectral": (B,)}``."""
+        b, c, n = x.shape
+        sizes = [s for s in (16, 32, 64) if s <= n] or [n]
+        total = x.new_zeros(b)
+        for size in sizes:
+            window = torch.hann_window(size, device=x.device, dtype=x.dtype)
+
+            def magnitude(t: Tensor, size=size, window=window) -> Tensor:
+                return torch.stft(t.reshape(b * c, n), size, hop_length=max(1, size // 4), window=window,
+                                  return_complex=True).abs()
+
+            fake, real = magnitude(x_hat), magnitude(x)
+            convergence = (fake - real).flatten(1).norm(dim=1) / real.flatten(1).norm(dim=1).clamp_min(1e-7)
+            log_l1 = (fake.clamp_min(1e-5).log() - real.clamp_min(1e-5).log()).abs().flatten(1).mean(1)
+            total = total + (convergence + log_l1).reshape(b, c).mean(1)
+        return {"spectral": total / len(sizes)}
 
     def generation_options(self) -> tuple[GenerationOption, ...]:
         """``length`` (samples) or ``duration`` (seconds) of a generated series; the training length by default."""
