@@ -254,6 +254,7 @@ def test_export_is_self_contained_and_matches_the_checkpoint(latent_runs, tmp_pa
     (["recipe=image_digits_latent", "autoencoder.path=/nonexistent/AE"], "autoencoder.path=/nonexistent/AE does not exist"),
     (["recipe=image_digits_latent"], "autoencoder.path"),
     (["task=autoencoder"], "is not trainable"),
+    (["autoencoder=conv"], "is an untrained network: train it first"),
 ])
 def test_latent_config_errors_are_one_paragraph(args, expected, tmp_path):
     proc = multidiff_cli("train", *args, f"run_dir={tmp_path / 'r'}", f"data_root={tmp_path / 'd'}", check=False)
@@ -347,3 +348,37 @@ def test_ddp_two_processes_match_one(latent_runs, tmp_path, task):
     _assert_same(_state(tmp_path / "single", prefix)[1], _state(tmp_path / "ddp", prefix)[1], atol=1e-5)
     if task == "diffusion":
         assert len(list((root / "data" / "cache").glob("latents-*"))) == 1
+
+
+def test_previews_decode_through_the_stage(tmp_path):
+    """The training previews sample latents and decode them with the module's stage before the adapter."""
+    from multidiff.autoencoders.trained import export_autoencoder
+    from multidiff.cli.compose import compose
+    from multidiff.configuration import safe_instantiate
+    from multidiff.pipeline import build_parts
+    from multidiff.training.callbacks import SamplePreviews
+
+    torch.manual_seed(0)
+    ae = export_autoencoder(tmp_path / "AE", ConvAutoencoder(shape=(1, 16, 16), **TINY_AE), "modality: {}\n")
+    cfg = compose("train", ["recipe=image_digits_latent", f"autoencoder.path={ae}", "modality.size=16",
+                            "backbone=unet2d_tiny", "conditioning=labels"])
+    parts = build_parts(cfg)
+    seen = []
+    decode = parts.adapter.decode
+    parts.adapter.decode = lambda x: seen.append(tuple(x.shape)) or decode(x)  # record what the adapter is given
+    callback = SamplePreviews(["3", "7"], num_per_prompt=1, steps=2).bind(
+        adapter=parts.adapter, schedule=parts.schedule, sampler=safe_instantiate(cfg.sampler.fn), run_dir=tmp_path)
+    module = SimpleNamespace(ema=parts.denoiser, conditioner=parts.conditioner, device=torch.device("cpu"),
+                             stage=parts.stage)
+    trainer = SimpleNamespace(global_step=5, is_global_zero=True, loggers=[])
+    out = callback.write(trainer, module)
+    assert out.is_file() and seen == [(1, 16, 16), (1, 16, 16)]  # data, not the (3, 8, 8) latents
+
+
+def test_autoencoder_trains_in_bf16_mixed_precision(latent_runs, tmp_path):
+    root, *_ = latent_runs
+    _ae_train(tmp_path / "bf16", root, "trainer.max_steps=2", "trainer.precision=bf16-mixed",
+              "callbacks.checkpoint.every_n_steps=0")
+    step, state = _state(tmp_path / "bf16", "autoencoder.")
+    assert step == 2 and all(torch.isfinite(v.float()).all() for v in state.values())
+    assert (tmp_path / "bf16" / "model" / "autoencoder" / "model.safetensors").is_file()

@@ -18,6 +18,7 @@ ALLOWED = {
     "conditioning": ({"core", "conditioning"}, None),
     "backbones": ({"core", "backbones"}, None),
     "adapters": ({"core", "adapters"}, None),
+    "autoencoders": ({"core", "autoencoders", "atomic"}, None),
     "datasets": ({"core", "adapters", "datasets"}, None),
     "evaluation": ({"core", "adapters", "datasets", "evaluation"}, None),
     "training": ({"core", "conditioning", "backbones", "adapters", "datasets", "pipeline", "configuration", "performance",

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from multidiff.cli.compose import RECIPE_GROUP, available, config_root
 from multidiff.options import OptionRow, format_value
 
-TRAIN_GROUPS = ("modality", "autoencoder", "backbone", "diffusion", "conditioning", "data", "sampler", "trainer", "callbacks", "logger")
+TRAIN_GROUPS = ("modality", "autoencoder", "backbone", "diffusion", "conditioning", "data", "sampler", "trainer",
+                "callbacks", "logger")
 GENERATE_GROUPS = ("sampler",)
 USAGE = {
     "train": "usage: multidiff train [recipe=NAME] [key=value ...] [--cfg] [--help]",

@@ -13,6 +13,7 @@ from typing import Literal
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from multidiff.autoencoders.base import Identity
 from multidiff.cli.compose import ConfigError
 from multidiff.configuration import check_config, safe_instantiate, trusted_prefixes
 from multidiff.options import OptionRow, Options
@@ -130,14 +131,34 @@ def preflight(cfg: DictConfig) -> TrainingOptions:
     trusted = trusted_prefixes(cfg)
     adapter = safe_instantiate(cfg.modality, trusted=trusted, source="train config")
     check_config(cfg.data.dataset, trusted=trusted, source="train config", adapter=adapter)
-    latent = cfg.get("autoencoder") is not None
-    if latent:  # e.g. autoencoder.path must be an autoencoder export for this modality's items
+    stage_target = _stage_target(cfg)
+    if stage_target is not None:  # e.g. autoencoder.path must be an autoencoder export for this modality's items
         check_config(cfg.autoencoder, trusted=trusted, source="train config", shape=tuple(adapter.shape))
     if cfg.get("task", "diffusion") == "diffusion":
+        if stage_target is not None and hasattr(stage_target, "reconstruction_loss"):
+            raise ConfigError(
+                f"autoencoder={OmegaConf.select(cfg, 'autoencoder._target_')} is an untrained network: train it first "
+                "(multidiff train task=autoencoder ..., or a recipe autoencoder_*), then train the diffusion model on "
+                "its export with autoencoder=trained autoencoder.path=AE/model"
+            )
         # a latent model's backbone shape is known only once the stage is built (its weights load)
-        shape = {} if latent and "Identity" not in str(cfg.autoencoder.get("_target_")) else {"shape": tuple(adapter.shape)}
-        check_config(cfg.backbone, trusted=trusted, source="train config", **shape)
+        latent = stage_target is not None and not (isinstance(stage_target, type) and issubclass(stage_target, Identity))
+        check_config(cfg.backbone, trusted=trusted, source="train config",
+                     **({} if latent else {"shape": tuple(adapter.shape)}))
     return options
+
+
+def _stage_target(cfg: DictConfig):
+    """The class or factory ``autoencoder._target_`` names (checked against the allow-list), or None."""
+    from hydra.utils import get_object
+
+    from multidiff.configuration import check_targets
+
+    node = cfg.get("autoencoder")
+    if node is None or "_target_" not in node:
+        return None
+    check_targets(node, trusted=trusted_prefixes(cfg), source="train config")
+    return get_object(str(node._target_))
 
 
 def build(cfg: DictConfig, run_dir: Path, options: TrainingOptions | None = None):

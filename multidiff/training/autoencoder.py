@@ -69,7 +69,7 @@ class AutoencoderModule(L.LightningModule):
             self._rng = torch.Generator(device=self.device)
         return self._rng.manual_seed(hash((self.seed, self.current_epoch, batch_idx)) & 0x7FFF_FFFF_FFFF_FFFF)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         x = batch["x"]
         world, rank, b = self.trainer.world_size if self._trainer else 1, self.global_rank, x.shape[0]
         shape = (b * world, *self.autoencoder.latent_shape(tuple(x.shape[1:])))
@@ -82,10 +82,13 @@ class AutoencoderModule(L.LightningModule):
             per_item = per_item + self.reconstruction.spectral_weight * term
         loss = per_item.mean()
         if not torch.isfinite(loss):
+            if self.options.nonfinite == "skip":
+                return None  # Lightning skips backward and the optimizer step
             from multidiff.training.faults import NonFiniteLossError
 
             raise NonFiniteLossError(f"non-finite reconstruction loss ({loss.item()}) at step {self.global_step}; "
-                                     "lower optimizer.lr or check the data")
+                                     "stopped before updating the weights. Lower optimizer.lr, check the data, or set "
+                                     "training.nonfinite=skip to skip such steps")
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=b, sync_dist=world > 1)
         for name, value in [*((k, losses[k]) for k in ("recon", "kl") if k in losses), *extra.items()]:
             self.log(f"train/{name}", value.mean(), on_step=True, batch_size=b, sync_dist=world > 1)
