@@ -28,18 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
-from scaling import _peak_rss_mb, _rss_mb  # noqa: E402
+from scaling import measure  # noqa: E402
 
 PAIRS = {
     # pair: (pixel overrides, latent recipe, autoencoder recipe, prompt)
@@ -104,21 +102,8 @@ def worker(overrides: list[str], mode: str, repeats: int, prompt: str) -> dict:
             with torch.no_grad():
                 stage.encode(x) if mode == "encode" else stage.decode(z, shape=data_shape)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    base = _rss_mb()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated() / 2**20
-    times = []
-    for i in range(repeats + 1):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        if i > 0:
-            times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 - base_cuda if device.type == "cuda" else _peak_rss_mb() - base
-    return {"seconds": statistics.median(times), "peak_mb": max(peak, 0.0), "batch": batch,
+    seconds, peak = measure(step, repeats, device)
+    return {"seconds": seconds, "peak_mb": peak, "batch": batch,
             "data_shape": "x".join(map(str, data_shape)), "model_shape": "x".join(map(str, shape[1:])),
             "params": sum(p.numel() for p in denoiser.parameters())}
 

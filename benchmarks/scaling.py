@@ -95,6 +95,14 @@ def worker(axis: str, value: int, mode: str, batch: int | None, repeats: int, ov
             with torch.no_grad():
                 guided(x0, sigma, cond)
 
+    seconds, peak = measure(step, repeats, device)
+    params = sum(p.numel() for p in denoiser.parameters())
+    return {"seconds": seconds, "peak_mb": peak, "params": params, "batch": batch, "shape": list(shape[1:])}
+
+
+def measure(step, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds of ``step()`` over ``repeats`` calls after one warm-up, and the peak memory (MB) above
+    what was in use before the first call (CUDA: allocated; CPU: this process's resident high-water mark)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     base = _rss_mb()
     if device.type == "cuda":
@@ -112,9 +120,7 @@ def worker(axis: str, value: int, mode: str, batch: int | None, repeats: int, ov
         peak = torch.cuda.max_memory_allocated() / 2**20 - base_cuda
     else:
         peak = _peak_rss_mb() - base
-    params = sum(p.numel() for p in denoiser.parameters())
-    return {"seconds": statistics.median(times), "peak_mb": max(peak, 0.0), "params": params, "batch": batch,
-            "shape": list(shape[1:])}
+    return statistics.median(times), max(peak, 0.0)
 
 
 def exponent(xs: list[float], ys: list[float]) -> float:

@@ -39,7 +39,7 @@ def test_conv_autoencoder_shapes_for_every_rank(shape, options, latent):
     assert tuple(z.shape) == (2, *latent)
     assert tuple(stage.decode(z, shape=shape).shape) == (2, *shape)
     losses = stage.reconstruction_loss(x, noise=torch.randn_like(z))
-    assert {k: tuple(v.shape) for k, v in losses.items()} == {"loss": (2,), "recon": (2,), "kl": (2,)}
+    assert {k: tuple(v.shape) for k, v in losses.items()} == {"loss": (2,), "recon": (2,), "kl": (2,), "x_hat": (2, *shape)}
 
 
 def test_per_frame_encodes_each_frame_alone():

@@ -161,12 +161,17 @@ class LatentStage(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``stage.json`` (class and options) and the state dict (weights, shift, scale)."""
+        directory = self.write_stage_info(directory)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, directory / WEIGHTS)
+
+    def write_stage_info(self, directory: str | Path) -> Path:
+        """Write ``directory/stage.json``: the class, the shape and :meth:`options`, what :func:`load_stage` reads."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         info = {"target": f"{type(self).__module__}.{type(self).__qualname__}", "shape": list(self.shape),
                 "options": self.options()}
         (directory / STAGE_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, directory / WEIGHTS)
+        return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, shape: Sequence[int], options: dict[str, Any]) -> LatentStage:
@@ -184,6 +189,16 @@ class LatentStage(nn.Module):
             h.update(key.encode())
             h.update(value.detach().cpu().contiguous().float().numpy().tobytes())
         return h.hexdigest()
+
+
+def to_frames(x: Tensor) -> Tensor:
+    """Clips ``(B, C, T, *dims)`` -> frames ``(B*T, C, *dims)`` (a per-frame network's batch)."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def from_frames(y: Tensor, batch: int) -> Tensor:
+    """Frames ``(B*T, C, *dims)`` -> clips ``(B, C, T, *dims)``; the inverse of :func:`to_frames`."""
+    return y.unflatten(0, (batch, -1)).transpose(1, 2)
 
 
 def _per_channel(values: Tensor, z: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multidiff.autoencoders.base import AutoencoderError, LatentStage
+from multidiff.autoencoders.base import AutoencoderError, LatentStage, from_frames, to_frames
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BOTTLENECKS = ("kl", "plain")
@@ -123,18 +123,9 @@ class ConvAutoencoder(LatentStage):
         dec += [_norm(prev, norm_groups), nn.SiLU(), conv(prev, shape[0], 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
-    # per-frame: (B, C, T, H, W) <-> (B*T, C, H, W)
-    def _frames(self, x: Tensor) -> Tensor:
-        return x.transpose(1, 2).flatten(0, 1)
-
-    def _clips(self, y: Tensor, batch: int) -> Tensor:
-        return y.unflatten(0, (batch, -1)).transpose(1, 2)
-
     def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Posterior mean and log-variance (``None`` for a plain bottleneck) of padded data ``x``."""
-        h = self.encoder(self._frames(x)) if self.per_frame else self.encoder(x)
-        if self.per_frame:
-            h = self._clips(h, x.shape[0])
+        h = from_frames(self.encoder(to_frames(x)), x.shape[0]) if self.per_frame else self.encoder(x)
         if self.bottleneck == "plain":
             return h, None
         mean, logvar = h.chunk(2, dim=1)
@@ -145,7 +136,7 @@ class ConvAutoencoder(LatentStage):
 
     def decode_raw(self, z: Tensor) -> Tensor:
         if self.per_frame:
-            return self._clips(self.decoder(self._frames(z)), z.shape[0])
+            return from_frames(self.decoder(to_frames(z)), z.shape[0])
         return self.decoder(z)
 
     def reconstruction_loss(self, x: Tensor, *, noise: Tensor | None = None, loss: str = "l1",

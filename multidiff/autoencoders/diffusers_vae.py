@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from multidiff.autoencoders.base import STAGE_FILE, WEIGHTS, AutoencoderError, LatentStage
+from multidiff.autoencoders.base import WEIGHTS, AutoencoderError, LatentStage, from_frames, to_frames
 
 BUFFERS = ("latent_shift", "latent_scale", "scale_fitted")
 DIFFUSERS_DIR = "diffusers"
@@ -215,24 +215,20 @@ class DiffusersAutoencoder(LatentStage):
     # -- the network ---------------------------------------------------------------------------
     def encode_raw(self, x: Tensor) -> Tensor:
         """Padded data ``(B, C, *dims)`` -> posterior mode ``(B, C', *dims')`` (in ``x``'s dtype)."""
-        h = _frames(x) if self.per_frame else x
+        h = to_frames(x) if self.per_frame else x
         z = self.model.encode(h.to(self.model.dtype)).latent_dist.mode().to(x.dtype)
-        return _clips(z, x.shape[0]) if self.per_frame else z
+        return from_frames(z, x.shape[0]) if self.per_frame else z
 
     def decode_raw(self, z: Tensor) -> Tensor:
         """Raw latents ``(B, C', *dims')`` -> data ``(B, C, *padded dims)`` (in ``z``'s dtype)."""
-        h = _frames(z) if self.per_frame else z
+        h = to_frames(z) if self.per_frame else z
         x = self.model.decode(h.to(self.model.dtype)).sample.to(z.dtype)
-        return _clips(x, z.shape[0]) if self.per_frame else x
+        return from_frames(x, z.shape[0]) if self.per_frame else x
 
     # -- persistence: diffusers' own layout for the network, safetensors for the normalization ---
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``stage.json``, the network under ``diffusers/`` and the three normalization buffers."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        info = {"target": f"{type(self).__module__}.{type(self).__qualname__}", "shape": list(self.shape),
-                "options": self.options()}
-        (directory / STAGE_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        directory = self.write_stage_info(directory)
         self.model.save_pretrained(directory / DIFFUSERS_DIR, safe_serialization=True)
         save_file({k: getattr(self, k).detach().contiguous().cpu() for k in BUFFERS}, directory / WEIGHTS)
 
@@ -279,11 +275,3 @@ def _check_data(path: Path, name: str, family: _Family, cfg: dict[str, Any], sha
             f"{shape[0]} channels or change the modality's channels"
         )
 
-
-# per-frame: (B, C, T, H, W) <-> (B*T, C, H, W)
-def _frames(x: Tensor) -> Tensor:
-    return x.transpose(1, 2).flatten(0, 1)
-
-
-def _clips(y: Tensor, batch: int) -> Tensor:
-    return y.unflatten(0, (batch, -1)).transpose(1, 2)
