@@ -145,8 +145,8 @@ def test_recipe_composes_and_builds(recipe, tmp_path):
 
     overrides = [f"recipe={recipe}", f"data_root={tmp_path}"]
     if OmegaConf.is_missing(compose("train", overrides).autoencoder, "path"):  # a latent recipe: its autoencoder run first
-        size = compose("train", overrides).modality.size
-        overrides.append(f"autoencoder.path={_tiny_autoencoder_export(tmp_path / 'AE', (1, size, size))}")
+        shape = tuple(safe_instantiate(compose("train", overrides).modality).shape)
+        overrides.append(f"autoencoder.path={_tiny_autoencoder_export(tmp_path / 'AE', shape)}")
     cfg = compose("train", overrides)
     parts, module, datamodule, trainer = build(cfg, Path(tmp_path) / "run")
     assert trainer.max_steps == cfg.trainer.max_steps > 0
