@@ -353,9 +353,9 @@ def sample_prompts(denoiser, conditioner, prompts, seeds, shape, fn, sigmas, *, 
 
 
 def decode_samples(stage: LatentStage | None, adapter, z: Tensor, data_shape) -> list[Tensor]:
-    """Sampled model tensors ``(B, *latent_shape)`` -> raw samples: through the latent stage as one batch
-    on its device (cropped to ``data_shape``), then the adapter, one sample at a time."""
-    x = z if stage is None else stage.decode(z.to(next(iter(stage.buffers())).device), shape=data_shape)
+    """Sampled model tensors ``(B, *latent_shape)`` (on the stage's device) -> raw samples: through the
+    latent stage as one batch (cropped to ``data_shape``), then the adapter, one sample at a time."""
+    x = z if stage is None else stage.decode(z, shape=data_shape)
     return [adapter.decode(item) for item in x]
 
 

@@ -131,9 +131,13 @@ def preflight(cfg: DictConfig) -> TrainingOptions:
     trusted = trusted_prefixes(cfg)
     adapter = safe_instantiate(cfg.modality, trusted=trusted, source="train config")
     check_config(cfg.data.dataset, trusted=trusted, source="train config", adapter=adapter)
-    stage_target = _stage_target(cfg)
-    if stage_target is not None:  # e.g. autoencoder.path must be an autoencoder export for this modality's items
-        check_config(cfg.autoencoder, trusted=trusted, source="train config", shape=tuple(adapter.shape))
+    stage_target = None
+    node = cfg.get("autoencoder")
+    if node is not None and "_target_" in node:  # e.g. autoencoder.path: an autoencoder export for these items
+        check_config(node, trusted=trusted, source="train config", shape=tuple(adapter.shape))  # allow-list first
+        from hydra.utils import get_object
+
+        stage_target = get_object(str(node._target_))
     if cfg.get("task", "diffusion") == "diffusion":
         if stage_target is not None and hasattr(stage_target, "reconstruction_loss"):
             raise ConfigError(
@@ -146,19 +150,6 @@ def preflight(cfg: DictConfig) -> TrainingOptions:
         check_config(cfg.backbone, trusted=trusted, source="train config",
                      **({} if latent else {"shape": tuple(adapter.shape)}))
     return options
-
-
-def _stage_target(cfg: DictConfig):
-    """The class or factory ``autoencoder._target_`` names (checked against the allow-list), or None."""
-    from hydra.utils import get_object
-
-    from multidiff.configuration import check_targets
-
-    node = cfg.get("autoencoder")
-    if node is None or "_target_" not in node:
-        return None
-    check_targets(node, trusted=trusted_prefixes(cfg), source="train config")
-    return get_object(str(node._target_))
 
 
 def build(cfg: DictConfig, run_dir: Path, options: TrainingOptions | None = None):

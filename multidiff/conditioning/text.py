@@ -128,6 +128,7 @@ class TextConditioner:
         self.device = torch.device(device)
         self.model.to(self.device)
         self._null: Cond | None = None
+        self._fingerprint: str | None = None  # computed on first use (it reads every weight)
 
     def to(self, device) -> TextConditioner:
         device = torch.device(device)
@@ -180,7 +181,7 @@ class TextConditioner:
     def fingerprint(self) -> str:
         """SHA-256 over the encoder's weights, tokenizer vocabulary and ``max_length``: what an
         embedding cache on disk is keyed by (another encoder or length never reuses it)."""
-        if getattr(self, "_fingerprint", None) is None:
+        if self._fingerprint is None:
             h = hashlib.sha256(f"{type(self.tokenizer).__name__}:{self.max_length}:{len(self.tokenizer)}".encode())
             for key, value in sorted(self.model.state_dict().items()):
                 h.update(key.encode())

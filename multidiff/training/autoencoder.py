@@ -17,10 +17,11 @@ from typing import Literal
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from multidiff.options import Options
 from multidiff.training.ema import ema_decay, ema_update
+from multidiff.training.module import optimizers, store_config
 from multidiff.training.options import TrainingOptions
 
 
@@ -99,12 +100,7 @@ class AutoencoderModule(L.LightningModule):
         ema_update(self.ema, self.autoencoder, ema_decay(self.global_step + 1, self.options.ema_decay))
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.autoencoder.parameters())
-        if self.lr_scheduler_factory is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
+        return optimizers(self.autoencoder.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.config is not None:
-            cfg = self.config if isinstance(self.config, DictConfig) else OmegaConf.create(self.config)
-            checkpoint["multidiff_config"] = OmegaConf.to_container(cfg, resolve=True)
+        store_config(checkpoint, self.config)

@@ -185,16 +185,27 @@ class DiffusionModule(L.LightningModule):
         ema_update(self.ema, self.denoiser, ema_decay(self.global_step + 1, self.options.ema_decay))
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.denoiser.parameters())
-        if self.lr_scheduler_factory is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
+        return optimizers(self.denoiser.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["multidiff_skipped_steps"] = self.skipped_steps
-        if self.config is not None:
-            cfg = self.config if isinstance(self.config, DictConfig) else OmegaConf.create(self.config)
-            checkpoint["multidiff_config"] = OmegaConf.to_container(cfg, resolve=True)
+        store_config(checkpoint, self.config)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = int(checkpoint.get("multidiff_skipped_steps", 0))
+
+
+def optimizers(parameters, optimizer: partial, lr_scheduler: partial | None = None):
+    """What ``configure_optimizers`` returns: the optimizer over ``parameters`` and, when given, its
+    learning-rate schedule stepped every optimizer step."""
+    opt = optimizer(parameters)
+    if lr_scheduler is None:
+        return opt
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": lr_scheduler(opt), "interval": "step"}}
+
+
+def store_config(checkpoint: dict, config: DictConfig | dict | None) -> None:
+    """Put the run's resolved config into a checkpoint (``multidiff_config``), so it loads without Hydra."""
+    if config is not None:
+        cfg = config if isinstance(config, DictConfig) else OmegaConf.create(config)
+        checkpoint["multidiff_config"] = OmegaConf.to_container(cfg, resolve=True)
