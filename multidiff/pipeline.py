@@ -14,6 +14,7 @@ Nothing is unpickled and only allow-listed ``_target_``s are built (:mod:`multid
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from multidiff.autoencoders.base import Identity, LatentStage, load_stage
 from multidiff.configuration import safe_instantiate, trusted_prefixes
 from multidiff.core.cond import Cond
 from multidiff.core.denoiser import Denoiser
+from multidiff.core.editing import InpaintDenoiser, check_strength, variation_sigmas, variation_start
 from multidiff.core.guidance import CFGDenoiser
 from multidiff.core.noise import PerSampleGenerator, with_prior
 from multidiff.core.samplers import SAMPLERS, read_grid
@@ -36,7 +38,7 @@ from multidiff.performance import apply_performance_options
 
 FORMAT = "multidiff-model"
 FORMAT_VERSION = 1
-MODEL_KEYS = ("modality", "autoencoder", "backbone", "diffusion", "conditioning", "trusted_targets")
+MODEL_KEYS = ("modality", "autoencoder", "backbone", "diffusion", "conditioning", "editing", "trusted_targets")
 
 
 class ModelLoadError(ValueError):
@@ -58,6 +60,19 @@ class GenerationRecord:
     guidance_scale: float | None = None
     negative_prompt: str | None = None
     options: dict = field(default_factory=dict)
+    edit: dict = field(default_factory=dict)  # init, mask, strength, harmonize and the region options of an edit
+
+
+@dataclass
+class Edit:
+    """A prepared edit: the input and the kept region in the adapter's tensor space, how much of the
+    grid runs from the noised input (``strength``) and the harmonizing passes (see :mod:`multidiff.core.editing`)."""
+
+    known: Tensor  # (1, C, *dims) the input, encoded at the sample's size
+    keep: Tensor | None  # (1, 1, *dims) 1: keep the input; None: a variation of the whole input
+    strength: float
+    harmonize: int = 0
+    record: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -96,7 +111,8 @@ def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None, tr
     else:
         stage = Identity(shape=shape)
     stage.requires_grad_(False).eval()
-    backbone = make(cfg.backbone, shape=stage.latent_shape())
+    latent_shape = stage.latent_shape()
+    backbone = make(cfg.backbone, shape=latent_shape, **mask_conditioning_arguments(cfg, latent_shape))
     schedule = make(cfg.diffusion.schedule)
     param = make(cfg.diffusion.parameterization)
     prior = cfg.diffusion.get("noise_prior")
@@ -105,6 +121,22 @@ def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None, tr
     if conditioner is None:
         conditioner = make(cfg.conditioning.encoder)
     return ModelParts(adapter, denoiser, schedule, conditioner, stage)
+
+
+def mask_conditioning_arguments(cfg: DictConfig, latent_shape: tuple[int, ...]) -> dict:
+    """``{"concat_channels": 1 + C}`` for a model trained with mask conditioning (``editing.mask_conditioning``):
+    the backbone also takes the editing mask and the masked input; ``{}`` otherwise."""
+    editing = cfg.get("editing")
+    if editing is None or not editing.get("mask_conditioning", False):
+        return {}
+    from hydra.utils import get_object
+
+    target = get_object(str(cfg.backbone._target_))
+    if "concat_channels" not in inspect.signature(target).parameters:
+        raise ModelLoadError(f"editing.mask_conditioning=true needs a backbone that takes concat_channels, but "
+                             f"{cfg.backbone._target_} does not; use a built-in backbone or add concat_channels to "
+                             "yours (see Backbone in multidiff/backbones/base.py), or set editing=none")
+    return {"concat_channels": 1 + int(latent_shape[0])}
 
 
 def export_model(directory: str | Path, cfg: DictConfig, backbone, stage: LatentStage | None = None) -> Path:
@@ -163,6 +195,18 @@ def _read_model(path: Path) -> tuple[DictConfig, callable, Path | None]:
 
 def _prefixed(state: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_backbone_state(path: str | Path) -> dict[str, Tensor]:
+    """The backbone weights of an exported model or checkpoint (its text encoder is not loaded)."""
+    path = Path(path)
+    cfg, load_weights, stage_dir = _read_model(path)
+    parts = build_parts(cfg, source=str(path), trusted=(), stage_dir=stage_dir, conditioner=_NO_CONDITIONER)
+    load_weights(parts)
+    return parts.denoiser.backbone.state_dict()
+
+
+_NO_CONDITIONER = object()  # build_parts without loading a text encoder (only the weights are wanted)
 
 
 def read_model_config(path: str | Path) -> DictConfig:
@@ -226,15 +270,29 @@ class Pipeline:
         batch_size: int = 16,
         sigmas: Tensor | None = None,
         progress: bool = True,
+        init: str | Path | Tensor | None = None,
+        mask: str | Path | Tensor | None = None,
+        strength: float | None = None,
+        harmonize: int = 0,
         **options,
     ) -> Tensor:
         """Sample ``num_samples`` per prompt; returns decoded raw samples ``(N, *raw_shape)``.
 
         Sample ``k`` (prompt-major order) uses seed ``seed + k`` and is identical whatever
         ``batch_size`` it is drawn in. ``options`` are the modality's generation options (the
-        adapter's :meth:`~multidiff.adapters.base.Adapter.generation_options`, e.g. a length).
-        The returned tensor carries a :class:`GenerationRecord` as ``.generation`` (prompts, seeds,
-        settings), which :meth:`save` writes to ``metadata.jsonl``.
+        adapter's :meth:`~multidiff.adapters.base.Adapter.generation_options`, e.g. a length) and
+        its region options (:meth:`~multidiff.adapters.base.Adapter.region_options`, e.g.
+        ``keep_seconds``). The returned tensor carries a :class:`GenerationRecord` as
+        ``.generation`` (prompts, seeds, settings), which :meth:`save` writes to ``metadata.jsonl``.
+
+        Editing (``docs/editing.md``): ``init`` is an input file (or a raw tensor, as the adapter's
+        ``load`` gives it) that every sample edits. With a region (``mask``: a mask file, white to
+        regenerate, or a tensor; or the modality's region options) the samples keep the input there
+        and generate the rest (inpainting, continuation, interpolation), exactly in the adapter's
+        tensor space; ``harmonize`` adds resampling passes per step for better agreement across the
+        seam. ``strength`` in ``[0, 1]`` (default 1 with a region, 0.6 without: a variation) is the
+        share of the steps run from the input noised to that level: 0 returns the input, 1 starts
+        from pure noise (without a region that equals plain generation with the same seed).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         fn, default_name = self._sampler(sampler)
@@ -243,33 +301,52 @@ class Pipeline:
         sigmas = self._grid(steps, sigmas)
         try:
             options = self.adapter.read_options(options)
+            region = {o.name: options.pop(o.name) for o in self.adapter.region_options()}
+            edit = self.prepare_edit(init, mask, strength, harmonize, options, region)
             data_shape = tuple(self.adapter.sample_shape(**options))
-        except ValueError as e:  # the adapter rejects an option (unknown name, bad value)
+        except ValueError as e:  # the adapter rejects an option (unknown name, bad value), a bad region
             raise GenerationError(str(e)) from None
         flat = [p for p in prompts for _ in range(num_samples)]
         seeds = [seed + k for k in range(len(flat))]
-        bar = _progress(progress, total=math.ceil(len(flat) / batch_size) * (len(sigmas) - 1))
+        steps_run = len(sigmas if edit is None else variation_sigmas(sigmas, edit.strength)) - 1
+        bar = _progress(progress, total=math.ceil(len(flat) / batch_size) * steps_run)
         outputs = []
+        latent_edit = None if edit is None else self.latent_edit(edit)
         for start in range(0, len(flat), batch_size):
             chunk, chunk_seeds = flat[start : start + batch_size], seeds[start : start + batch_size]
             z = self.sample_tensors(
                 chunk, chunk_seeds, self.stage.latent_shape(data_shape), fn, sigmas, guidance_scale, negative_prompt,
-                callback=bar,
+                callback=bar, edit=latent_edit,
             )
+            paste = None if edit is None or edit.keep is None else (edit.known, edit.keep)
             outputs.extend(self.adapter.fit_length(raw, **options).cpu()
-                           for raw in decode_samples(self.stage, self.adapter, z, data_shape))
+                           for raw in decode_samples(self.stage, self.adapter, z, data_shape, paste=paste))
         if bar is not None:
             bar.close()
         samples = torch.stack(outputs)
         samples.generation = GenerationRecord(flat, seeds, sampler_name, steps, guidance_scale, negative_prompt,
-                                              {k: v for k, v in options.items() if v is not None})
+                                              {k: v for k, v in options.items() if v is not None},
+                                              {} if edit is None else edit.record)
         return samples
 
-    def sample_tensors(self, prompts, seeds, shape, fn, sigmas, guidance_scale, negative_prompt=None, callback=None):
-        """Model tensors ``(B, *shape)`` (latents of a latent model) for prompts and per-sample seeds (no decoding)."""
+    def prepare_edit(self, init, mask, strength, harmonize, options: dict, region: dict) -> Edit | None:
+        """:func:`prepare_edit` with this pipeline's adapter."""
+        return prepare_edit(self.adapter, init, mask, strength, harmonize, options, region)
+
+    def latent_edit(self, edit: Edit) -> Edit:
+        """``edit`` in the latent stage's space: the input encoded, the region min-pooled to latent cells."""
+        known = self.stage.encode(edit.known.to(self.device))
+        keep = None if edit.keep is None else self.stage.latent_mask(edit.keep.to(self.device))
+        return Edit(known, keep, edit.strength, edit.harmonize, edit.record)
+
+    def sample_tensors(self, prompts, seeds, shape, fn, sigmas, guidance_scale, negative_prompt=None, callback=None,
+                       edit: Edit | None = None):
+        """Model tensors ``(B, *shape)`` (latents of a latent model) for prompts and per-sample seeds (no decoding);
+        ``edit``: an edit in this space (see :meth:`prepare_edit`)."""
         return sample_prompts(
             self.denoiser, self.conditioner, prompts, seeds, shape, fn, sigmas,
             guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=self.device, callback=callback,
+            edit=edit,
         )
 
     def _grid(self, steps: int, sigmas: Tensor | None) -> Tensor:
@@ -327,7 +404,7 @@ class Pipeline:
             rows.append({
                 "file": path.name, "prompt": prompt, "seed": s, "sampler": record.sampler, "steps": record.steps,
                 "guidance_scale": record.guidance_scale, "negative_prompt": record.negative_prompt,
-                "model": model or self.source, **extra_meta, **extra,
+                "model": model or self.source, **extra_meta, **record.edit, **extra,
             })
         tmp = meta_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -335,27 +412,110 @@ class Pipeline:
         return paths
 
 
+def prepare_edit(adapter, init, mask, strength, harmonize, options: dict, region: dict) -> Edit | None:
+    """The input, its kept region and the edit settings in ``adapter``'s tensor space (``None``:
+    no edit); it needs no model, so the CLI checks a request with it before loading one. Fills
+    ``options`` the input implies (e.g. its duration) where the caller gave none.
+    :class:`GenerationError` (a ``ValueError``) says what is wrong with a request."""
+    given = {k: v for k, v in region.items() if v is not None}
+    if init is None:
+        if mask is not None or given or strength is not None:
+            what = ", ".join([*(["mask"] if mask is not None else []), *given,
+                              *(["strength"] if strength is not None else [])])
+            raise GenerationError(f"{what} describe(s) an edit of an input, but no init= was given: pass "
+                                  "init=FILE (the image, audio or clip to edit)")
+        return None
+    if isinstance(harmonize, bool) or not isinstance(harmonize, int) or harmonize < 0:
+        raise GenerationError(f"harmonize={harmonize!r} is invalid: it must be an integer >= 0 (resampling passes per step)")
+    raw = _read_input(init, adapter.load, "init")
+    for name, value in adapter.input_options(raw).items():
+        if options.get(name) is None:
+            options[name] = value
+    data_shape = tuple(adapter.sample_shape(**options))
+    known = adapter.encode_input(raw, **options).float()
+    mask_raw = None if mask is None else _read_input(mask, adapter.load_mask, "mask")
+    keep = adapter.keep_mask(data_shape, raw=raw, mask=mask_raw, **region)
+    described = ", ".join(f"{k}={v}" for k, v in (({"mask": mask} if mask is not None else {}) | given).items())
+    if keep is not None:
+        if tuple(keep.shape) != (1, *data_shape[1:]):  # the adapter contract: (1, *dims)
+            raise GenerationError(f"{type(adapter).__name__}.keep_mask gave shape {tuple(keep.shape)}, "
+                                  f"not {(1, *data_shape[1:])}")
+        keep = keep.float()[None]
+        if bool((keep >= 1).all()):
+            raise GenerationError(f"the region ({described}) keeps all of init: there is nothing to generate. "
+                                  "Mark what to regenerate (white in a mask, a fill_* option), or drop the region "
+                                  "for a variation (strength=)")
+        if bool((keep <= 0).all()):
+            raise GenerationError(f"the region ({described}) keeps nothing of init: everything would be generated. "
+                                  "Mark what to keep (black in a mask, a keep_* option), or drop the region for a "
+                                  "variation (strength=) or plain generation")
+    strength = check_strength((1.0 if keep is not None else 0.6) if strength is None else strength)
+    record = {"init": init if isinstance(init, str | Path) else "tensor", "strength": strength, "harmonize": harmonize}
+    if mask is not None:
+        record["mask"] = mask if isinstance(mask, str | Path) else "tensor"
+    record = {k: str(v) if isinstance(v, Path) else v for k, v in (record | given).items()}
+    return Edit(known[None], keep, strength, harmonize, record)
+
+
+def _read_input(value, load, name: str) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.detach().float().cpu()
+    path = Path(value)
+    if not path.exists():
+        raise GenerationError(f"{name}={value} does not exist; give the file to edit" if name == "init" else
+                              f"{name}={value} does not exist; give a mask file (white: regenerate)")
+    try:
+        return load(path)
+    except (OSError, ValueError) as e:
+        raise GenerationError(f"{name}={value} cannot be read: {e}") from None
+
+
 @torch.inference_mode()
 def sample_prompts(denoiser, conditioner, prompts, seeds, shape, fn, sigmas, *, guidance_scale, negative_prompt=None,
-                   device="cpu", callback=None) -> Tensor:
+                   device="cpu", callback=None, edit: Edit | None = None) -> Tensor:
     """Sample model tensors ``(B, *shape)``: seeded noise, prompts encoded, CFG, then ``fn``.
 
-    ``callback`` (e.g. a tqdm bar) gets ``update(1)`` after every sampler step.
+    ``callback`` (e.g. a tqdm bar) gets ``update(1)`` after every sampler step. ``edit`` (in the
+    space of ``shape``): start from the noised input (its ``strength``) and keep its region with
+    :class:`~multidiff.core.editing.InpaintDenoiser` around the guided denoiser; a mask-conditioned
+    backbone (``concat_channels``) also sees the region and the input as extra channels.
     """
     gen = with_prior(PerSampleGenerator(seeds), getattr(denoiser, "noise_prior", None))
     sigmas = sigmas.to(torch.float32)
-    x = gen.randn((len(prompts), *shape), device=device) * float(sigmas[0])
+    noise = gen.randn((len(prompts), *shape), device=device)
+    x = noise * float(sigmas[0])
     cond = conditioner.encode(prompts)
     uncond = conditioner.encode([negative_prompt]) if negative_prompt else conditioner.null()
     guided = CFGDenoiser(denoiser, uncond, guidance_scale)
+    if edit is not None:
+        known = edit.known.to(device)
+        x, sigmas = variation_start(known, noise, sigmas, edit.strength)
+        if edit.keep is not None:
+            # the harmonizing noise has its own per-sample streams: the sampler's stay as in plain generation
+            harmonize_gen = PerSampleGenerator([s + HARMONIZE_SEED_OFFSET for s in seeds])
+            concat = getattr(getattr(denoiser, "backbone", None), "concat_channels", 0) > 0
+            guided = InpaintDenoiser(guided, known, edit.keep.to(device), harmonize=edit.harmonize, concat=concat,
+                                     generator=harmonize_gen)
+        if len(sigmas) == 1:  # strength 0: the input itself
+            return x
     step = None if callback is None else (lambda info: callback.update(1))
     return fn(guided, x, sigmas, cond=cond, generator=gen, callback=step)
 
 
-def decode_samples(stage: LatentStage | None, adapter, z: Tensor, data_shape) -> list[Tensor]:
+HARMONIZE_SEED_OFFSET = 1 << 40
+"""Sample ``k``'s harmonizing passes draw from seed ``seed + k + 2**40``."""
+
+
+def decode_samples(stage: LatentStage | None, adapter, z: Tensor, data_shape, *,
+                   paste: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
     """Sampled model tensors ``(B, *latent_shape)`` (on the stage's device) -> raw samples: through the
-    latent stage as one batch (cropped to ``data_shape``), then the adapter, one sample at a time."""
+    latent stage as one batch (cropped to ``data_shape``), then the adapter, one sample at a time.
+    ``paste``: ``(known, keep)`` in the adapter's tensor space, pasted over the decoded batch so
+    that the kept region is the input exactly (a latent stage's reconstruction only approximates it)."""
     x = z if stage is None else stage.decode(z, shape=data_shape)
+    if paste is not None:
+        known, keep = (t.to(device=x.device, dtype=x.dtype) for t in paste)
+        x = torch.lerp(x, known, keep)
     return [adapter.decode(item) for item in x]
 
 

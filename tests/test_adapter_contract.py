@@ -54,9 +54,28 @@ def test_shape_is_channels_first_and_generation_defaults_give_it(adapter):
     shape = tuple(adapter.shape)
     assert len(shape) >= 2 and all(isinstance(n, int) and n > 0 for n in shape)
     defaults = adapter.read_options({})
-    assert set(defaults) == {o.name for o in adapter.generation_options()}
+    assert set(defaults) == {o.name for o in (*adapter.generation_options(), *adapter.region_options())}
     assert all(v is None for v in defaults.values())
     assert tuple(adapter.sample_shape(**defaults)) == shape
+
+
+def test_an_input_to_edit_encodes_at_the_size_it_implies_and_regions_are_masks(adapter):
+    """Editing (docs/editing.md): an input encodes at the sample size its own options imply, no
+    region means no mask, and a mask or the training regions are (1, *dims) in [0, 1]."""
+    raw = adapter.decode(smooth(tuple(adapter.shape)))
+    options = {o.name: None for o in adapter.generation_options()} | adapter.input_options(raw)
+    shape = tuple(adapter.sample_shape(**options))
+    x = adapter.encode_input(raw, **options)
+    assert tuple(x.shape) == shape
+    torch.testing.assert_close(x, adapter.encode(raw), atol=1e-5, rtol=0)  # an input of the training size
+    assert adapter.keep_mask(shape, raw=raw) is None
+    keep = adapter.random_keep_mask(shape[1:], torch.Generator().manual_seed(0))
+    assert keep.shape == (1, *shape[1:]) and 0 < keep.mean() < 1
+    if type(adapter).keep_mask is Adapter.keep_mask:  # the default: a mask tensor in model space (white: regenerate)
+        mask = torch.zeros(1, *shape[1:])
+        mask[..., :1] = 1
+        keep = adapter.keep_mask(shape, raw=raw, mask=mask)
+        assert keep.shape == (1, *shape[1:]) and keep[..., :1].eq(0).all() and keep[..., 1:].eq(1).all()
 
 
 def test_every_format_writes_and_reads_back(adapter, tmp_path):

@@ -101,6 +101,12 @@ def test_group_option_composes_and_instantiates(group, name, tmp_path):
                 kwargs["strategy"] = "ddp"
         trainer = L.Trainer(**kwargs, default_root_dir=str(tmp_path), logger=False)
         assert trainer.max_steps == node.max_steps
+    elif group == "editing":  # the model builder gives a mask-conditioned backbone its extra input channels
+        from multidiff.pipeline import build_parts
+
+        cfg.conditioning = compose("train", ["conditioning=labels"]).conditioning
+        backbone = build_parts(cfg).denoiser.backbone
+        assert backbone.concat_channels == (2 if node.mask_conditioning else 0)  # [keep, keep * x] of 1-channel digits
     elif group == "callbacks":
         if "samples" in node:
             assert safe_instantiate(node.samples) is not None

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multidiff.adapters.base import Adapter, GenerationOption
+from multidiff.adapters.base import Adapter, GenerationOption, random_span_keep, spans_of
 from multidiff.adapters.vocoders import GriffinLimVocoder, MelSpec
 
 SOUNDFILE_SUBTYPES = {".wav": None, ".flac": "PCM_16", ".ogg": "VORBIS", ".mp3": "MPEG_LAYER_III"}
@@ -175,6 +175,58 @@ class AudioAdapter(Adapter):
     def generation_options(self) -> tuple[GenerationOption, ...]:
         return (GenerationOption("duration", float, None, f"seconds of audio (default: the training length, "
                                  f"{self.duration:g} s); any length works", minimum=0),)
+
+    # -- editing ---------------------------------------------------------------------------------
+
+    def region_options(self) -> tuple[GenerationOption, ...]:
+        return (
+            GenerationOption("keep_seconds", list, None, "[start, end] seconds (or a list of them) to keep from init; "
+                             "the rest is generated: keep_seconds=[0,0.5] continues after 0.5 s"),
+            GenerationOption("fill_seconds", list, None, "[start, end] seconds (or a list of them) to generate; the "
+                             "rest of init is kept: fill_seconds=[0.3,0.6] fills a gap"),
+        )
+
+    def input_options(self, raw: Tensor) -> dict:
+        """The input's own duration (generation then matches it unless ``duration=`` is given)."""
+        return {"duration": raw.shape[-1] / self.sample_rate}
+
+    def encode_input(self, raw: Tensor, *, duration: float | None = None, **_ignored) -> Tensor:
+        """``(1, samples)`` -> ``(1, n_mels, frames)`` for ``duration`` seconds: the start of the
+        input, zero-padded (silence) past its end."""
+        wave = raw.float().reshape(1, -1) if raw.ndim == 1 else raw.float().mean(0, keepdim=True)
+        return self.normalize(self.log_mel(fit_samples(wave, self.num_samples(duration))))
+
+    def load_mask(self, path: str | Path) -> Tensor:
+        raise ValueError(f"mask={path}: audio regions are spans of seconds, not mask files; use "
+                         "keep_seconds=[start,end] or fill_seconds=[start,end]")
+
+    def keep_mask(self, shape: tuple[int, ...], *, raw: Tensor | None = None, mask: Tensor | None = None,
+                  keep_seconds: list | None = None, fill_seconds: list | None = None, **_ignored) -> Tensor | None:
+        """``(1, n_mels, frames)``: 1 keeps the input. Spectrogram frame ``f`` covers samples
+        ``[f * hop, (f + 1) * hop)``: it is kept when it lies wholly inside a kept span and the
+        input, and generated when it touches a filled span or lies past the end of the input."""
+        keep = super().keep_mask(shape, mask=mask)
+        if keep is None and keep_seconds is None and fill_seconds is None:
+            return None
+        frames, hop, sr = shape[-1], self.spec.hop_length, self.sample_rate
+        keep = torch.ones(1, *shape[1:]) if keep is None else keep
+        if raw is not None:  # frames the input does not cover wholly were padding: never kept
+            keep[..., raw.shape[-1] // hop :] = 0
+        length = frames * hop / sr if raw is None else raw.shape[-1] / sr
+        if fill_seconds is not None:
+            for a, b in spans_of("fill_seconds", fill_seconds, upper=frames * hop / sr, unit="seconds"):
+                keep[..., math.floor(a * sr / hop) : math.ceil(b * sr / hop)] = 0
+        if keep_seconds is not None:
+            inside = torch.zeros(frames)
+            for a, b in spans_of("keep_seconds", keep_seconds, upper=length, unit="seconds of init"):
+                inside[math.ceil(a * sr / hop - 1e-6) : math.floor(b * sr / hop + 1e-6)] = 1
+            keep = keep * inside
+        return keep
+
+    def random_keep_mask(self, dims: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        """Spans of time over every mel band: a continuation (the start kept), a lead-in (the end
+        kept) or a gap (both ends kept), each a quarter to three quarters of the clip."""
+        return random_span_keep(dims, generator, axis=-1)
 
     def sample_shape(self, *, duration: float | None = None, **options) -> tuple[int, ...]:
         """``(1, n_mels, frames)`` for ``duration`` seconds; any frame count works (the backbone pads)."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multidiff.adapters.base import Adapter
+from multidiff.adapters.base import Adapter, GenerationOption, mask_plane
 
 
 class ImageAdapter(Adapter):
@@ -50,6 +50,11 @@ class ImageAdapter(Adapter):
         x = raw.float()
         if x.shape[0] != self.channels:
             x = x.mean(0, keepdim=True) if self.channels == 1 else x.expand(3, -1, -1)
+        return self.fit(x).clamp(0, 1) * 2 - 1
+
+    def fit(self, x: Tensor) -> Tensor:
+        """``(C, h, w)`` resized (shorter side) and center-cropped to :attr:`size`: the geometry of
+        :meth:`encode`, which an editing mask of the input follows too."""
         th, tw = self.size
         h, w = x.shape[-2:]
         if (h, w) != (th, tw):
@@ -58,7 +63,47 @@ class ImageAdapter(Adapter):
             x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=self.antialias, align_corners=False)[0]
             top, left = (nh - th) // 2, (nw - tw) // 2
             x = x[:, top : top + th, left : left + tw]
-        return x.clamp(0, 1) * 2 - 1
+        return x
+
+    # -- editing ---------------------------------------------------------------------------------
+
+    def region_options(self) -> tuple[GenerationOption, ...]:
+        h, w = self.size
+        return (
+            GenerationOption("keep_box", list, None, f"[top, left, bottom, right] pixels of the {h}x{w} output to keep "
+                             "from init (the rest is generated)"),
+            GenerationOption("fill_box", list, None, f"[top, left, bottom, right] pixels of the {h}x{w} output to "
+                             "generate (the rest is kept from init); e.g. the lower half: "
+                             f"fill_box=[{h // 2},0,{h},{w}]"),
+        )
+
+    def keep_mask(self, shape: tuple[int, ...], *, raw: Tensor | None = None, mask: Tensor | None = None,
+                  keep_box: list | None = None, fill_box: list | None = None, **_ignored) -> Tensor | None:
+        """``(1, H, W)``: 1 keeps the input. ``mask`` (white: regenerate) is the size of the input
+        image and goes through the same resize and crop as the image; boxes are in output pixels."""
+        if mask is None and keep_box is None and fill_box is None:
+            return None
+        h, w = shape[-2:]
+        regenerate = torch.zeros(1, h, w)
+        if mask is not None:
+            m = mask_plane(mask, tuple(raw.shape[-2:]) if raw is not None else (h, w), "the input image")
+            regenerate = torch.maximum(regenerate, (self.fit(m) >= 0.5).float())
+        if fill_box is not None:
+            regenerate[(slice(None), *self._box("fill_box", fill_box, h, w))] = 1
+        if keep_box is not None:
+            inside = torch.zeros(1, h, w)
+            inside[(slice(None), *self._box("keep_box", keep_box, h, w))] = 1
+            regenerate = torch.maximum(regenerate, 1 - inside)
+        return 1 - regenerate
+
+    @staticmethod
+    def _box(name: str, box: list, h: int, w: int) -> tuple[slice, slice]:
+        ok = len(box) == 4 and all(isinstance(v, int) and not isinstance(v, bool) for v in box)
+        if not ok or not (0 <= box[0] < box[2] <= h and 0 <= box[1] < box[3] <= w):
+            raise ValueError(f"{name}={box!r} is invalid: give [top, left, bottom, right] in pixels of the {h}x{w} "
+                             f"output with 0 <= top < bottom <= {h} and 0 <= left < right <= {w} (bottom and right "
+                             "are excluded)")
+        return slice(box[0], box[2]), slice(box[1], box[3])
 
     def decode(self, x0: Tensor) -> Tensor:
         return ((x0.float() + 1) / 2).clamp(0, 1)

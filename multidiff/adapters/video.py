@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multidiff.adapters.base import Adapter, GenerationOption
+from multidiff.adapters.base import Adapter, GenerationOption, mask_plane, random_box_keep, uniform_int
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi")
 """Containers read through ffmpeg (writing: ``.mp4`` and ``.webm``)."""
@@ -280,12 +280,21 @@ class VideoAdapter(Adapter):
 
     def encode(self, raw: Tensor) -> Tensor:
         """``(C, T_file, h, w)`` in ``[0, 1]`` -> ``self.shape`` in ``[-1, 1]``: frames picked, resized, cropped."""
+        x = self._channels(raw)
+        return self.fit(x[:, self._frame_indices(x.shape[1])]).clamp(0, 1) * 2 - 1
+
+    def _channels(self, raw: Tensor) -> Tensor:
+        """A raw clip ``(C', T, h, w)`` as float with :attr:`channels` channels."""
         x = raw.float()
         if x.ndim != 4:
             raise ValueError(f"a raw clip is (C, T, H, W), got shape {tuple(x.shape)}")
         if x.shape[0] != self.channels:
             x = x.mean(0, keepdim=True) if self.channels == 1 else x[:1].expand(3, -1, -1, -1)
-        x = x[:, self._frame_indices(x.shape[1])]
+        return x
+
+    def fit(self, x: Tensor) -> Tensor:
+        """``(C, T, h, w)`` with every frame resized (shorter side) and center-cropped to :attr:`size`:
+        the geometry of :meth:`encode`, which an editing mask follows too."""
         th, tw = self.size
         h, w = x.shape[-2:]
         if (h, w) != (th, tw):
@@ -295,7 +304,7 @@ class VideoAdapter(Adapter):
             frames = F.interpolate(frames, size=(nh, nw), mode="bilinear", antialias=self.antialias, align_corners=False)
             top, left = (nh - th) // 2, (nw - tw) // 2
             x = frames[:, :, top : top + th, left : left + tw].permute(1, 0, 2, 3)
-        return x.clamp(0, 1) * 2 - 1
+        return x
 
     def _frame_indices(self, length: int) -> Tensor:
         span = (self.num_frames - 1) * self.frame_stride + 1
@@ -333,6 +342,91 @@ class VideoAdapter(Adapter):
             GenerationOption("duration", float, None, "seconds per clip at fps, when num_frames is not given",
                              minimum=0),
         )
+
+    # -- editing ---------------------------------------------------------------------------------
+
+    def region_options(self) -> tuple[GenerationOption, ...]:
+        return (
+            GenerationOption("keep_frames", list, None, "indices of the frames to keep from init (negative: from the "
+                             "end); the others are generated: keep_frames=[0,-1] interpolates between the first and "
+                             "last frame, keep_frames=[0,1,2,3] with num_frames=12 extends a clip"),
+            GenerationOption("fill_frames", list, None, "indices of the frames to generate; the others are kept "
+                             "from init"),
+        )
+
+    def input_options(self, raw: Tensor) -> dict:
+        """The input's own length in frames (every ``frame_stride``-th frame)."""
+        return {"num_frames": self._input_frames(raw)}
+
+    def _input_frames(self, raw: Tensor) -> int:
+        return (raw.shape[1] - 1) // self.frame_stride + 1
+
+    def encode_input(self, raw: Tensor, *, num_frames: int | None = None, fps: float | None = None,
+                     duration: float | None = None, **_ignored) -> Tensor:
+        """``(C, T_file, h, w)`` -> ``(C, T, H, W)``: every ``frame_stride``-th frame from the
+        start, resized and cropped; frames past the end of the input are mid-gray (0)."""
+        t, _ = self._frames_and_fps(num_frames, fps, duration)
+        x = self._channels(raw)
+        x = self.fit(x[:, :: self.frame_stride][:, :t]).clamp(0, 1) * 2 - 1
+        return F.pad(x, (0, 0, 0, 0, 0, t - x.shape[1]))
+
+    def keep_mask(self, shape: tuple[int, ...], *, raw: Tensor | None = None, mask: Tensor | None = None,
+                  keep_frames: list | None = None, fill_frames: list | None = None, **_ignored) -> Tensor | None:
+        """``(1, T, H, W)``: 1 keeps the input. ``mask`` (an image, white: regenerate, the size of
+        the input's frames) applies to every frame; frame indices pick whole frames; frames past
+        the end of the input are always generated."""
+        if mask is None and keep_frames is None and fill_frames is None:
+            return None
+        t, h, w = shape[1:]
+        available = t if raw is None else min(t, self._input_frames(raw))
+        keep = torch.ones(1, t, h, w)
+        keep[:, available:] = 0
+        if mask is not None:
+            m = mask_plane(mask, tuple(raw.shape[-2:]) if raw is not None else (h, w), "a frame of the input")
+            keep = keep * (1 - (self.fit(m[:, None])[:, 0] >= 0.5).float())[:, None]
+        if fill_frames is not None:
+            keep[:, self._indices("fill_frames", fill_frames, t, t)] = 0
+        if keep_frames is not None:
+            inside = torch.zeros(1, t, 1, 1)
+            inside[:, self._indices("keep_frames", keep_frames, t, available)] = 1
+            keep = keep * inside
+        return keep
+
+    @staticmethod
+    def _indices(name: str, indices: list, t: int, available: int) -> list[int]:
+        out = []
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise ValueError(f"{name}={indices!r} is invalid: give frame indices (integers; -1 is the last frame), "
+                                 f"e.g. {name}=[0,-1]")
+            j = i + t if i < 0 else i
+            if not 0 <= j < t:
+                raise ValueError(f"{name}={indices!r}: frame {i} is outside the {t} frames generated (0..{t - 1}, or "
+                                 f"-{t}..-1 from the end)")
+            if j >= available:
+                raise ValueError(f"{name}={indices!r}: frame {i} is past the end of init ({available} frames), so "
+                                 "there is nothing to keep there; keep frames of the input only")
+            out.append(j)
+        if not out:
+            raise ValueError(f"{name}=[] is empty: give frame indices, e.g. {name}=[0,-1]")
+        return out
+
+    def random_keep_mask(self, dims: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        """Frame subsets (T, H, W axes): an extension (the first frames kept), an interpolation
+        (the first and last kept), a random subset of frames, or a box in every frame."""
+        t = int(dims[0])
+        kind = uniform_int(0, 3, generator)
+        if t < 3 or kind == 3:
+            return random_box_keep(dims, generator)
+        keep = torch.zeros(1, *dims)
+        if kind == 0:
+            keep[:, : uniform_int(1, t - 1, generator)] = 1
+        elif kind == 1:
+            keep[:, [0, t - 1]] = 1
+        else:
+            chosen = torch.randperm(t, generator=generator, device=generator.device)[: uniform_int(1, t - 1, generator)]
+            keep[:, chosen.cpu()] = 1
+        return keep
 
     def _frames_and_fps(self, num_frames: int | None, fps: float | None, duration: float | None) -> tuple[int, float]:
         fps = self.fps if fps is None else fps

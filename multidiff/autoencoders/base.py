@@ -51,7 +51,7 @@ class LatentStage(nn.Module):
     :meth:`from_pretrained` (default: constructor options in ``stage.json`` + the state dict as
     safetensors).
 
-    **Callers use** :meth:`latent_shape`, :meth:`encode`, :meth:`decode`, :meth:`normalize`
+    **Callers use** :meth:`latent_shape`, :meth:`encode`, :meth:`decode`, :meth:`latent_mask`, :meth:`normalize`
     (raw latents -> model latents, for latents cached on disk), :meth:`fit_scale`,
     :attr:`is_identity` and :meth:`fingerprint`.
     """
@@ -121,6 +121,19 @@ class LatentStage(nn.Module):
             return x
         pads = [p for e in reversed(extra) for p in (0, e)]
         return F.pad(x, pads, mode="replicate") if x.ndim <= 5 else F.pad(x, pads)
+
+    def latent_mask(self, keep: Tensor) -> Tensor:
+        """An editing mask in data space ``(B, 1, *dims)`` (1: keep the input) -> latent space
+        ``(B, 1, *dims')``: a latent cell is kept only where every data cell it encodes is kept
+        (a min-pool over each block of :attr:`factors`, after the padding :meth:`encode` adds),
+        so no generated content is pinned to the input and fractional masks keep their minimum."""
+        if not any(f > 1 for f in self.factors):
+            return keep
+        x = self.pad(keep.float())
+        b, c, *dims = x.shape
+        # min-pool with any rank: fold each axis into (size / f, f) and take the minimum over the f's
+        blocks = x.reshape(b, c, *[n for d, f in zip(dims, self.factors, strict=True) for n in (d // f, f)])
+        return blocks.amin(dim=tuple(range(3, blocks.ndim, 2)))
 
     @torch.no_grad()
     def fit_scale(self, raw_latents: Tensor) -> None:

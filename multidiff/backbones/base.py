@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -35,6 +36,13 @@ class Backbone(nn.Module):
     ``num_classes`` (label ``num_classes`` is the null label), ``norm_groups``, ``num_heads``
     (a head count) or ``head_dim`` (a head width), ``out_channels`` (default ``shape[0]``).
     :mod:`multidiff.backbones.conditioning` implements these conventions.
+
+    **Mask conditioning** (``editing=masked``): the builder passes ``concat_channels=K``; the
+    denoiser then hands ``forward`` batches of ``C + K`` channels (the noisy sample, then
+    ``cond.concat``: an editing mask and the known values). Pass it to ``super().__init__``,
+    widen the input layer by :attr:`concat_channels` and zero those weights (so the model starts
+    as the one without them and a trained model can be extended, see :func:`load_widened`). A
+    backbone whose constructor has no ``concat_channels`` cannot be mask-conditioned.
 
     **Class attribute** :attr:`ranks`: the item ranks ``len(dims)`` the class accepts, e.g.
     ``(2,)`` for images and spectrograms, ``(1, 2, 3)`` for a rank-agnostic network. Anything else
@@ -83,9 +91,17 @@ class Backbone(nn.Module):
     ranks: ClassVar[tuple[int, ...]] = ()
     """Item ranks ``len(shape) - 1`` this backbone accepts (empty: any)."""
 
-    def __init__(self, *, shape: Sequence[int]) -> None:
+    def __init__(self, *, shape: Sequence[int], concat_channels: int = 0) -> None:
         super().__init__()
         self.shape = self.check_shape(shape)
+        if isinstance(concat_channels, bool) or not isinstance(concat_channels, int) or concat_channels < 0:
+            raise BackboneShapeError(f"{type(self).__name__}: concat_channels must be an integer >= 0, got {concat_channels!r}")
+        self.concat_channels = concat_channels
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the batches ``forward`` takes: the item's ``C`` plus :attr:`concat_channels`."""
+        return self.shape[0] + self.concat_channels
 
     @classmethod
     def check_shape(cls, shape: Sequence[int]) -> tuple[int, ...]:
@@ -111,11 +127,13 @@ class Backbone(nn.Module):
         return shape
 
     def check_input(self, x: Tensor) -> None:
-        """Refuse a batch whose rank or channel count differs from :attr:`shape` (sizes may differ)."""
-        if x.ndim != len(self.shape) + 1 or x.shape[1] != self.shape[0]:
+        """Refuse a batch whose rank or channel count differs from :attr:`shape` (plus
+        :attr:`concat_channels`); sizes may differ."""
+        if x.ndim != len(self.shape) + 1 or x.shape[1] != self.input_channels:
+            extra = f" ({self.shape[0]} + {self.concat_channels} concatenated)" if self.concat_channels else ""
             raise BackboneShapeError(
-                f"{type(self).__name__} was built for items of shape {self.shape}, i.e. batches (B, {self.shape[0]}, "
-                f"{', '.join('n' * (len(self.shape) - 1))}) of any sizes, but got a batch of shape {tuple(x.shape)}"
+                f"{type(self).__name__} was built for items of shape {self.shape}, i.e. batches (B, {self.input_channels}"
+                f"{extra}, {', '.join('n' * (len(self.shape) - 1))}) of any sizes, but got a batch of shape {tuple(x.shape)}"
             )
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:  # pragma: no cover
@@ -168,3 +186,42 @@ def upgrade_backbone_config(node: dict[str, Any]) -> dict[str, Any]:
         # pooled_cond projected a vector as wide as the tokens; 384 is the constructors' default width
         node["pooled_dim"] = node.get("cross_attention_dim", 384) if node.pop("pooled_cond") else None
     return node
+
+
+def zero_input_channels(conv: nn.Module, start: int, count: int) -> None:
+    """Zero the weights of input channels ``start .. start + count`` of a convolution (or linear)
+    layer: inputs added for mask conditioning then change nothing until training uses them."""
+    if count:
+        with torch.no_grad():
+            conv.weight[:, start : start + count].zero_()
+
+
+class WidenError(ValueError):
+    """Weights cannot start a backbone of another layout (see :func:`load_widened`)."""
+
+
+def load_widened(backbone: nn.Module, state: dict[str, Tensor], *, source: str = "the source model") -> list[str]:
+    """Load ``state`` (a trained backbone's state dict) into ``backbone``, which may take more input
+    channels (mask conditioning added): a weight whose input axis (dim 1) is wider here gets the
+    trained values in its first channels and zeros in the new ones. Every other weight must match
+    exactly. Returns the names of the widened weights; :class:`WidenError` names what differs."""
+    own = backbone.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise WidenError(f"{source} has another layout than this backbone: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}; extend a model with the same backbone config")
+    widened, out = [], {}
+    for name, mine in own.items():
+        theirs = state[name]
+        if theirs.shape == mine.shape:
+            out[name] = theirs
+        elif theirs.ndim == mine.ndim >= 2 and theirs.shape[0] == mine.shape[0] and theirs.shape[2:] == mine.shape[2:] \
+                and theirs.shape[1] < mine.shape[1]:
+            grown = torch.zeros_like(mine)
+            grown[:, : theirs.shape[1]] = theirs
+            out[name], _ = grown, widened.append(name)
+        else:
+            raise WidenError(f"{source}: weight {name} has shape {tuple(theirs.shape)}, this backbone's has "
+                             f"{tuple(mine.shape)}; only input channels may be added")
+    backbone.load_state_dict(out)
+    return widened

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multidiff.backbones.base import Backbone
+from multidiff.backbones.base import Backbone, zero_input_channels
 from multidiff.backbones.conditioning import LabelEmbedding, NoiseEmbedding, append_tokens, cond_tokens, pooled_vector
 from multidiff.core.cond import Cond
 from multidiff.core.noise import append_dims
@@ -122,6 +122,8 @@ class ConvUNet(Backbone):
         emb_dim: width of the noise embedding (default ``4 * channels[0]``).
         norm_groups: GroupNorm groups (reduced where a width is not divisible).
         kernel_size: odd convolution kernel size.
+        concat_channels: extra input channels after ``C`` (mask conditioning: the denoiser adds
+            ``cond.concat``), zero-initialised.
         dropout: dropout inside residual blocks.
     """
 
@@ -143,8 +145,9 @@ class ConvUNet(Backbone):
         norm_groups: int = 8,
         kernel_size: int = 3,
         dropout: float = 0.0,
+        concat_channels: int = 0,
     ) -> None:
-        super().__init__(shape=shape)
+        super().__init__(shape=shape, concat_channels=concat_channels)
         channels = [int(c) for c in channels]
         if not channels or layers_per_level < 1 or kernel_size % 2 == 0:
             raise ValueError("channels must be non-empty, layers_per_level >= 1 and kernel_size odd")
@@ -165,7 +168,8 @@ class ConvUNet(Backbone):
         self.pooled_proj = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
         self.label_emb = LabelEmbedding(num_classes, emb_dim) if num_classes else None
 
-        self.conv_in = conv(self.in_channels, channels[0], kernel_size, padding=kernel_size // 2)
+        self.conv_in = conv(self.input_channels, channels[0], kernel_size, padding=kernel_size // 2)
+        zero_input_channels(self.conv_in, self.in_channels, self.concat_channels)
         self.down = nn.ModuleList()
         self.down_attn = nn.ModuleList()
         self.downsample = nn.ModuleList()

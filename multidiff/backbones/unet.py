@@ -53,6 +53,7 @@ class UNet2DCond(DiffusersUNet):
         num_classes: int | None = None,
         pooled_dim: int | None = None,
         coord_axes: Sequence[int] = (),
+        concat_channels: int = 0,
         **kwargs,
     ) -> None:
         from diffusers import UNet2DConditionModel
@@ -65,7 +66,7 @@ class UNet2DCond(DiffusersUNet):
             shape=shape, unet_class=UNet2DConditionModel, out_channels=out_channels,
             block_out_channels=block_out_channels, down_block_types=down_block_types, up_block_types=up_block_types,
             layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim, norm_groups=norm_groups,
-            pooled_dim=pooled_dim, extra_in_channels=len(axes),
+            pooled_dim=pooled_dim, extra_in_channels=len(axes), concat_channels=concat_channels,
             attention_head_dim=num_heads if isinstance(num_heads, int) else tuple(int(n) for n in num_heads),
             num_class_embeds=None if num_classes is None else num_classes + 1,  # + the null label
             **kwargs,
@@ -83,8 +84,9 @@ class UNet2DCond(DiffusersUNet):
         and the output cropped back, so every size gets the same aligned grid as training."""
         self.check_input(x)
         h, w = x.shape[-2:]
-        if self.coord_axes:
-            x = torch.cat([x, *self._coordinates(x)], 1)
+        if self.coord_axes:  # [x, coordinates, concat]: the order of the input weights
+            c = self.shape[0]
+            x = torch.cat([x[:, :c], *self._coordinates(x), x[:, c:]], 1)
         m = self.size_multiple
         pad_h, pad_w = -h % m, -w % m
         if pad_h or pad_w:

@@ -116,6 +116,7 @@ class UNet3DCond(DiffusersUNet):
         zero_init_temporal: bool | None = None,
         temporal_conv_depth: int = 4,
         input_temporal_attention: bool = True,
+        concat_channels: int = 0,
         **kwargs,
     ) -> None:
         from diffusers import UNet3DConditionModel
@@ -124,7 +125,7 @@ class UNet3DCond(DiffusersUNet):
             shape=shape, unet_class=UNet3DConditionModel, out_channels=out_channels,
             block_out_channels=block_out_channels, down_block_types=down_block_types, up_block_types=up_block_types,
             layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim, norm_groups=norm_groups,
-            pooled_dim=pooled_dim, attention_head_dim=head_dim, **kwargs,
+            pooled_dim=pooled_dim, attention_head_dim=head_dim, concat_channels=concat_channels, **kwargs,
         )
         self.unet.set_attn_processor(_masked_cross_attention_processor())
         prune_temporal_layers(self.unet, temporal_conv_depth, input_temporal_attention)

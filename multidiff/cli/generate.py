@@ -54,6 +54,14 @@ class GenerateOptions(Options):
     """torch.compile keyword arguments, e.g. {mode: max-autotune}."""
     format: str | None = None
     """a file type the model's modality writes (e.g. gif for clips); null: its default."""
+    init: str | None = None
+    """an input file to edit (image, audio or clip): a variation of it, or with a region the input kept there."""
+    mask: str | None = None
+    """with init: a mask image (white: regenerate, black: keep), or use the modality's keep_*/fill_* options."""
+    strength: float | None = None
+    """with init: the share of the steps run from the noised input, 0..1 (null: 1 with a region, 0.6 without)."""
+    harmonize: int = 0
+    """with a region: resampling passes per step for better seams (each costs one more model call)."""
     options: dict = field(default_factory=dict)
     """the model's own generation options (name=value lands here; generate model=DIR --help lists them)."""
     verbose: bool = False
@@ -66,6 +74,8 @@ class GenerateOptions(Options):
             ("batch_size", self.batch_size > 0, "a positive integer"),
             ("seed", self.seed >= 0, "an integer >= 0"),
             ("guidance_scale", self.guidance_scale >= 0, "a number >= 0 (1 disables guidance)"),
+            ("strength", self.strength is None or 0 <= self.strength <= 1, "a number in [0, 1] (0 returns init)"),
+            ("harmonize", self.harmonize >= 0, "an integer >= 0"),
         ]
 
     @classmethod
@@ -106,6 +116,10 @@ def model_help(cfg: DictConfig) -> str:
     options = adapter.generation_options()
     lines = [f"generation options of {cfg.model} ({type(adapter).__name__}), as name=value:"]
     lines += [f"  {o.describe()}" for o in options] or ["  (none)"]
+    regions = adapter.region_options()
+    if regions:
+        lines.append("regions to edit, with init=FILE (docs/editing.md):")
+        lines += [f"  {o.describe()}" for o in regions]
     formats = adapter.formats or (adapter.suffix.lstrip("."),)
     lines.append(f"  format: one of {', '.join(formats)} (default {adapter.suffix.lstrip('.')})")
     return "\n".join(lines)
@@ -135,7 +149,7 @@ def read_prompts(opts: GenerateOptions) -> list[str]:
 def run(cfg: DictConfig) -> list[Path]:
     """Check everything the config alone can tell (keys, prompts, the output folder, the model's
     own options and format), then load the model, sample and write ``out``."""
-    from multidiff.pipeline import GenerationError, Pipeline
+    from multidiff.pipeline import GenerationError, Pipeline, prepare_edit
 
     opts = GenerateOptions.from_config(cfg)
     out = Path(opts.out)
@@ -143,9 +157,11 @@ def run(cfg: DictConfig) -> list[Path]:
     if (out / "metadata.jsonl").exists() and not opts.overwrite:
         raise ConfigError(f"out={out} already holds results (metadata.jsonl); choose a new out= or add overwrite=true")
     sampler = safe_instantiate(cfg.sampler.fn, source="sampler config")
-    try:  # before the model loads: a wrong option or file type should cost a second, not a model load
+    try:  # before the model loads: a wrong option, file type or edit should cost a second, not a model load
         adapter = model_adapter(cfg)
-        adapter.read_options(opts.options)
+        options = adapter.read_options(opts.options)
+        region = {o.name: options.pop(o.name) for o in adapter.region_options()}
+        prepare_edit(adapter, opts.init, opts.mask, opts.strength, opts.harmonize, options, region)
         if opts.format:
             adapter.check_format(opts.format)
     except ValueError as e:
@@ -156,7 +172,8 @@ def run(cfg: DictConfig) -> list[Path]:
         samples = pipe.generate(
             prompts, num_samples=opts.num_samples, seed=opts.seed, sampler=sampler, sampler_name=cfg.sampler.name,
             steps=opts.steps, guidance_scale=opts.guidance_scale, negative_prompt=opts.negative_prompt,
-            batch_size=opts.batch_size, **opts.options,
+            batch_size=opts.batch_size, init=opts.init, mask=opts.mask, strength=opts.strength,
+            harmonize=opts.harmonize, **opts.options,
         )
         paths = pipe.save(samples, out, overwrite=opts.overwrite, model=opts.model, format=opts.format)
     except (GenerationError, ValueError) as e:

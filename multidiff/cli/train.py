@@ -138,6 +138,16 @@ def preflight(cfg: DictConfig) -> TrainingOptions:
         from hydra.utils import get_object
 
         stage_target = get_object(str(node._target_))
+    editing = cfg.get("editing") or {}
+    if editing.get("mask_conditioning") and cfg.get("task", "diffusion") == "diffusion":
+        p = editing.get("mask_probability", 0.5)
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1:
+            raise ConfigError(f"editing.mask_probability={p!r} is invalid: it must be a number in [0, 1]")
+        if options.slice_items:
+            raise ConfigError("editing=masked cannot train with slice training (training.slice_items): the mask "
+                              "channels would need slicing too; set training.slice_items=0")
+    if editing.get("init_from") and not Path(str(editing.init_from)).exists():
+        raise ConfigError(f"editing.init_from={editing.init_from} does not exist; give an exported model (RUN/model)")
     if cfg.get("task", "diffusion") == "diffusion":
         if stage_target is not None and hasattr(stage_target, "reconstruction_loss"):
             raise ConfigError(
@@ -173,6 +183,10 @@ def build_diffusion(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
     except OptionError as e:
         raise ConfigError(f"{e} ({type(parts.adapter).__name__})") from None
     parts.denoiser.backbone.prepare_training()  # e.g. inflate from an image model (backbone.init_from)
+    editing = cfg.get("editing") or {}
+    if editing.get("init_from"):
+        extend_model(parts.denoiser.backbone, editing.init_from)
+    masked = bool(getattr(parts.denoiser.backbone, "concat_channels", 0))
     prepare = partial(prepare_dataset, stage=parts.stage, conditioner=parts.conditioner, root=cfg.data_root,
                       cache=bool(cfg.data.get("cache_latents", True)))
     datamodule = DiffusionDataModule(partial(make, cfg.data.dataset, adapter=parts.adapter),
@@ -184,11 +198,25 @@ def build_diffusion(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
         make(cfg.optimizer, lr=batch_plan(cfg, trainer_kwargs)["lr"]),
         make(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
         cond_dropout=cfg.conditioning.dropout, training=options, config=OmegaConf.to_container(cfg, resolve=True),
-        seed=cfg.seed, stage=parts.stage,
+        seed=cfg.seed, stage=parts.stage, mask_sampler=parts.adapter.random_keep_mask if masked else None,
+        mask_probability=float(editing.get("mask_probability", 0.5)),
     )
     callbacks = build_callbacks(cfg, parts, options, run_dir, make, progress=trainer_kwargs.get("enable_progress_bar", True))
     logger = make(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
     return parts, module, datamodule, build_trainer(trainer_kwargs, run_dir, callbacks, logger)
+
+
+def extend_model(backbone, source: str) -> None:
+    """Start ``backbone`` from the exported model ``source`` (``editing.init_from``): same weights,
+    input layer widened by zeros for the mask-conditioning channels (:func:`load_widened`)."""
+    from multidiff.backbones.base import WidenError, load_widened
+    from multidiff.pipeline import ModelLoadError, load_backbone_state
+
+    try:
+        widened = load_widened(backbone, load_backbone_state(source), source=f"editing.init_from={source}")
+    except (ModelLoadError, WidenError) as e:
+        raise ConfigError(str(e)) from None
+    print(f"started from {source} (input weights widened with zeros: {', '.join(widened) or 'none'})")
 
 
 def build_autoencoder(cfg: DictConfig, run_dir: Path, options: TrainingOptions):

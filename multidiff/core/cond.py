@@ -17,12 +17,16 @@ class Cond:
         mask: ``(B, L)`` bool, True where a token is real (not padding).
         pooled: ``(B, D)`` one vector per sample.
         labels: ``(B,)`` int64 class labels.
+        concat: ``(B, K, *dims)`` channels concatenated to the backbone's input (a mask-conditioned
+            model's mask and known values, see :mod:`multidiff.core.editing`); they describe the
+            input, not the prompt, so guidance gives both branches the same ones.
     """
 
     tokens: Tensor | None = None
     mask: Tensor | None = None
     pooled: Tensor | None = None
     labels: Tensor | None = None
+    concat: Tensor | None = None
 
     def _tensors(self):
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -61,10 +65,16 @@ class Cond:
 
     @staticmethod
     def where(keep: Tensor, cond: Cond, null: Cond) -> Cond:
-        """Per-sample choice: ``cond`` where ``keep`` (``(B,)`` bool) is True, else ``null`` (broadcast)."""
+        """Per-sample choice: ``cond`` where ``keep`` (``(B,)`` bool) is True, else ``null`` (broadcast).
+
+        Fields ``null`` does not have (``concat``: the input, not the prompt) are kept as they are."""
         out = {}
+        nulls = null._tensors()
         for k, v in cond._tensors().items():
-            n = null._tensors()[k].to(v.device).expand_as(v)
+            if k not in nulls:
+                out[k] = v
+                continue
+            n = nulls[k].to(v.device).expand_as(v)
             m = keep.reshape((-1,) + (1,) * (v.ndim - 1))
             out[k] = torch.where(m, v, n)
         return Cond(**out)

@@ -149,7 +149,14 @@ class Denoiser(nn.Module):
         sigma = sigma.float()
         c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.parameterization.scalings(sigma))
         c_noise = self.parameterization.c_noise(sigma)
-        out = self.backbone((x.float() * c_in).to(x.dtype), c_noise, cond)
+        x_in = (x.float() * c_in).to(x.dtype)
+        extra = getattr(self.backbone, "concat_channels", 0)
+        if extra:  # a mask-conditioned backbone: the known input and its mask as extra channels (zeros: none)
+            concat = None if cond is None else cond.concat
+            if concat is None:
+                concat = x_in.new_zeros((x.shape[0], extra, *x.shape[2:]))
+            x_in = torch.cat([x_in, concat.to(x_in.dtype)], dim=1)
+        out = self.backbone(x_in, c_noise, cond)
         return out.float(), c_skip, c_out
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:

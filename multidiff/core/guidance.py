@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -49,6 +50,8 @@ class CFGDenoiser:
         if self._paired is not None and self._paired[0] is cond and self._paired[1] == b:
             return self._paired[2]
         uncond = self.uncond if len(self.uncond) == b else self.uncond.map(lambda t: t.expand(b, *t.shape[1:]))
+        if cond is not None and cond.concat is not None and uncond.concat is None:
+            uncond = replace(uncond, concat=cond.concat)  # the input channels, not the prompt: both branches see them
         paired = Cond.cat([cond, uncond])
         self._paired = (cond, b, paired)
         return paired

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from multidiff.core.cond import Cond
 from multidiff.core.denoiser import Denoiser
+from multidiff.core.editing import mask_channels, with_concat
 from multidiff.performance import apply_performance_options
 from multidiff.training.ema import ema_decay, ema_update
 from multidiff.training.options import TrainingOptions
@@ -62,6 +63,8 @@ class DiffusionModule(L.LightningModule):
         config: DictConfig | dict | None = None,
         seed: int = 0,
         stage=None,
+        mask_sampler=None,
+        mask_probability: float = 0.5,
     ) -> None:
         super().__init__()
         self.stage = None if stage is None or stage.is_identity else stage.requires_grad_(False).eval()
@@ -75,6 +78,9 @@ class DiffusionModule(L.LightningModule):
         self.cond_dropout, self.config, self.seed = cond_dropout, config, seed
         self.skipped_steps = 0
         self._rng: torch.Generator | None = None
+        if mask_sampler is not None and not getattr(denoiser.backbone, "concat_channels", 0):
+            raise ValueError("mask_sampler is given but the backbone takes no concat_channels (editing.mask_conditioning)")
+        self.mask_sampler, self.mask_probability = mask_sampler, float(mask_probability)
 
     def on_fit_start(self) -> None:
         self.conditioner.to(self.device)
@@ -118,6 +124,8 @@ class DiffusionModule(L.LightningModule):
             cond = self.conditioner.encode(batch["text"])
             keep = torch.rand(b * world, generator=rng, device=x0.device)[rank::world] >= self.cond_dropout
             cond = Cond.where(keep, cond, self.conditioner.null()) if self.cond_dropout > 0 else cond
+            if self.mask_sampler is not None:
+                cond = with_concat(cond, self._editing_channels(x0, rng, world, rank))
         sigma = self.noise.sample(b * world, device=x0.device, generator=rng)[rank::world]  # float32
         shape = (b * world, *x0.shape[1:])
         prior = self.denoiser.noise_prior
@@ -137,6 +145,14 @@ class DiffusionModule(L.LightningModule):
             return self._nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=b, sync_dist=world > 1)
         return loss
+
+    def _editing_channels(self, x0: torch.Tensor, rng: torch.Generator, world: int, rank: int) -> torch.Tensor:
+        """``cat([keep, keep * x0])`` with random regions for ``mask_probability`` of the global batch."""
+        n, dims = x0.shape[0] * world, tuple(x0.shape[2:])
+        used = torch.rand(n, generator=rng, device=x0.device) < self.mask_probability
+        keeps = torch.stack([self.mask_sampler(dims, rng).to(x0.device) for _ in range(n)])
+        keep = (keeps * used.reshape(-1, *([1] * (keeps.ndim - 1)))).to(x0.dtype)[rank::world]
+        return mask_channels(x0, keep)
 
     def _sliced_loss(self, x0, sigma, noise, cond: Cond, rng, world: int, rank: int) -> torch.Tensor:
         """Per-item losses: the first ``B - slice_items`` items whole, the rest on one random index
