@@ -158,7 +158,7 @@ def notes_task(model: str, *, seed: int, limit: int | None) -> tuple[list[dict],
 
 # -- video ---------------------------------------------------------------------------------------
 
-def video_task(model: str, *, seed: int, data_root: str, limit: int | None) -> tuple[list[dict], dict]:
+def video_task(model: str, *, seed: int, data_root: str, limit: int | None, harmonize: int = 2) -> tuple[list[dict], dict]:
     from video_moving_digits_quality import Judge, data_settings, direction_of, real_clips, velocity
 
     import multidiff
@@ -188,7 +188,9 @@ def video_task(model: str, *, seed: int, data_root: str, limit: int | None) -> t
     fade = (1 - w) * clips[:, :1] + w * clips[:, -1:]
     rows = [row("real clips", clips), row("cross-fade of the first and last frame", fade)]
     prompts = [moving_caption(int(d), where) for d, where in zip(digits, dirs)]
-    for name, kw in [("middle 6 frames filled", {}), ("filled, harmonize 2", {"harmonize": 2})]:
+    runs = [("middle 6 frames filled", {})] + ([(f"filled, harmonize {harmonize}", {"harmonize": harmonize})]
+                                              if harmonize else [])
+    for name, kw in runs:
         t0 = time.time()
         out = torch.stack(edit_batch(pipe, prompts, known, keep, seed=seed, batch=40, **kw))[:, 0].numpy()
         rows.append(row(name, out, round(time.time() - t0, 1)))
@@ -206,6 +208,7 @@ def main() -> None:
     ap.add_argument("--per-digit", type=int, default=30)
     ap.add_argument("--notes-limit", type=int, default=None, help="at most this many held-out notes")
     ap.add_argument("--clips", type=int, default=200, help="at most this many held-out clips")
+    ap.add_argument("--video-harmonize", type=int, default=2, help="harmonize passes of the extra video row (0: none)")
     ap.add_argument("--data-root", default="data")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--name", default="editing_quality")
@@ -216,7 +219,7 @@ def main() -> None:
                                                          masked=args.digits_masked)),
              ("notes", args.notes, lambda: notes_task(args.notes, seed=args.seed, limit=args.notes_limit)),
              ("video", args.video, lambda: video_task(args.video, seed=args.seed, data_root=args.data_root,
-                                                      limit=args.clips))]
+                                                      limit=args.clips, harmonize=args.video_harmonize))]
     for task, model, run in tasks:
         if not model:
             continue
