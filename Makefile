@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install browser demo test test-fast lint bench clean serve
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Debian's chromium + chromedriver for the browser tests of `multidiff serve` (needs root or sudo).
+browser:
+	bash scripts/install_browser.sh
+
 # Train the digits recipe briefly (about 10 minutes on 2 CPU cores), then generate from a prompt.
 demo: $(STAMP)
 	$(VENV)/bin/multidiff train recipe=image_digits run_dir=runs/demo
@@ -22,7 +26,11 @@ demo: $(STAMP)
 		num_samples=8 seed=0 sampler=dpmpp_2m steps=20 guidance_scale=4.0 out=runs/demo/generated overwrite=true
 	@echo "samples: runs/demo/generated (training previews: runs/demo/samples)"
 
-test: $(STAMP)
+# A web page for the demo model (after `make demo`): open http://127.0.0.1:7860
+serve: $(STAMP)
+	$(VENV)/bin/multidiff serve model=runs/demo/model out=runs/demo/served
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -18,6 +18,8 @@ import inspect
 import json
 import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,7 +271,7 @@ class Pipeline:
         negative_prompt: str | None = None,
         batch_size: int = 16,
         sigmas: Tensor | None = None,
-        progress: bool = True,
+        progress: bool | Callable[[int, int], None] = True,
         init: str | Path | Tensor | None = None,
         mask: str | Path | Tensor | None = None,
         strength: float | None = None,
@@ -284,6 +286,8 @@ class Pipeline:
         its region options (:meth:`~multidiff.adapters.base.Adapter.region_options`, e.g.
         ``keep_seconds``). The returned tensor carries a :class:`GenerationRecord` as
         ``.generation`` (prompts, seeds, settings), which :meth:`save` writes to ``metadata.jsonl``.
+        ``progress``: a terminal progress bar (``True``), none, or a function called as
+        ``progress(steps_done, steps_total)`` after every sampler step (a web page's bar).
 
         Editing (``docs/editing.md``): ``init`` is an input file (or a raw tensor, as the adapter's
         ``load`` gives it) that every sample edits. With a region (``mask``: a mask file, white to
@@ -369,17 +373,20 @@ class Pipeline:
 
     def save(self, samples: Tensor, out: str | Path, *, overwrite: bool = False, model: str | None = None,
              prompts: list[str] | None = None, seeds: list[int] | None = None, format: str | None = None,
-             **extra) -> list[Path]:
+             append: bool = False, **extra) -> list[Path]:
         """Write each sample with the adapter's writer (``0000.png``, ...) and ``metadata.jsonl``.
 
         Prompts, seeds, sampler settings and generation options come from ``samples.generation``
         (set by :meth:`generate`) unless given. ``format`` picks one of the adapter's
         :attr:`~multidiff.adapters.base.Adapter.formats` (e.g. ``"gif"``). Refuses an ``out``
-        directory that already holds results unless ``overwrite``.
+        directory that already holds results unless ``overwrite``; ``append=True`` adds to it
+        instead, numbering on after the highest ``NNNN`` file there and adding rows to its
+        ``metadata.jsonl`` (nothing is replaced; callers that append from several threads hold a
+        lock around this call). Returns the paths written.
         """
         out = Path(out)
         meta_path = out / "metadata.jsonl"
-        if meta_path.exists() and not overwrite:
+        if meta_path.exists() and not (overwrite or append):
             raise GenerationError(
                 f"output directory {out} already holds results (metadata.jsonl); choose another out= "
                 "or pass overwrite=true to replace them"
@@ -394,10 +401,11 @@ class Pipeline:
         except ValueError as e:
             raise GenerationError(str(e)) from None
         out.mkdir(parents=True, exist_ok=True)
+        first = next_index(out) if append else 0
         extra_meta = self.adapter.metadata(**record.options)
         writer_kwargs = self.adapter.save_options(**record.options)
         paths, rows = [], []
-        for k, (raw, prompt, s) in enumerate(zip(samples, prompts, seeds)):
+        for k, (raw, prompt, s) in enumerate(zip(samples, prompts, seeds), start=first):
             path = out / f"{k:04d}{suffix}"
             self.adapter.save(raw, path, **writer_kwargs)
             paths.append(path)
@@ -406,10 +414,20 @@ class Pipeline:
                 "guidance_scale": record.guidance_scale, "negative_prompt": record.negative_prompt,
                 "model": model or self.source, **extra_meta, **record.edit, **extra,
             })
+        earlier = meta_path.read_text(encoding="utf-8") if append and meta_path.exists() else ""
         tmp = meta_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.write_text(earlier + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         os.replace(tmp, meta_path)
         return paths
+
+
+_NUMBERED = re.compile(r"^(\d{4,})(\.|$)")
+
+
+def next_index(out: Path) -> int:
+    """One past the highest ``NNNN`` file or folder name in ``out`` (0 when there is none)."""
+    numbers = [int(m.group(1)) for p in out.iterdir() if (m := _NUMBERED.match(p.name))] if out.is_dir() else []
+    return max(numbers, default=-1) + 1
 
 
 def prepare_edit(adapter, init, mask, strength, harmonize, options: dict, region: dict) -> Edit | None:
@@ -529,12 +547,31 @@ def _check_options(prompts, num_samples, steps, guidance_scale, batch_size) -> N
         raise GenerationError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
 
 
-def _progress(enabled: bool, total: int):
-    if not enabled:
+def _progress(progress, total: int):
+    """A tqdm bar (``progress=True``), ``None`` (``False``), or a :class:`_StepReporter` around the
+    caller's function; all take ``update(1)`` per step and ``close()``."""
+    if callable(progress):
+        return _StepReporter(progress, total)
+    if not progress:
         return None
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="sampling", unit="step", dynamic_ncols=True)
+
+
+class _StepReporter:
+    """``update(n)`` -> ``report(done, total)``: the bar protocol for a caller's own display."""
+
+    def __init__(self, report: Callable[[int, int], None], total: int) -> None:
+        self.report, self.total, self.done = report, total, 0
+        report(0, total)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.report(self.done, self.total)
+
+    def close(self) -> None:
+        pass
 
 
 def load(path: str | Path, *, device: str | None = None, trusted_targets=(), channels_last: bool = False,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
-from helpers import TINY, multidiff_cli
+from helpers import TINY, TINY_VIDEO, multidiff_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,6 +23,29 @@ def tiny_run(tmp_path_factory, data_root) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     multidiff_cli("train", "recipe=image_digits", f"run_dir={run_dir}", f"data_root={data_root}", *TINY)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def audio_run(tmp_path_factory, data_root):
+    """recipe=audio_notes for 3 steps with a tiny UNet, logging to TensorBoard."""
+    run_dir = tmp_path_factory.mktemp("audio") / "run"
+    multidiff_cli("train", "recipe=audio_notes", f"run_dir={run_dir}", f"data_root={data_root}", "logger=tensorboard",
+                  *TINY)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def video_run(tmp_path_factory, tiny_run, data_root):
+    """Three steps of the video recipe, its UNet3D inflated from a copy of the tiny image model that
+    is deleted afterwards (a trained video model must not need the model it started from)."""
+    base = tmp_path_factory.mktemp("video")
+    image_model = base / "image_model"
+    shutil.copytree(tiny_run / "model", image_model)
+    run_dir = base / "run"
+    proc = multidiff_cli("train", *TINY_VIDEO, f"run_dir={run_dir}", f"data_root={data_root}",
+                         f"backbone.init_from={image_model}")
+    shutil.rmtree(image_model)
+    return run_dir, proc
 
 
 @pytest.fixture

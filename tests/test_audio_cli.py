@@ -9,21 +9,12 @@ import math
 import pytest
 import soundfile as sf
 import torch
-from helpers import TINY, multidiff_cli
+from helpers import multidiff_cli
 
 import multidiff
 from multidiff.pipeline import GenerationError
 
 SR = 16000
-
-
-@pytest.fixture(scope="module")
-def audio_run(tmp_path_factory, data_root):
-    """recipe=audio_notes for 3 steps with a tiny UNet, logging to TensorBoard."""
-    run_dir = tmp_path_factory.mktemp("audio") / "run"
-    multidiff_cli("train", "recipe=audio_notes", f"run_dir={run_dir}", f"data_root={data_root}", "logger=tensorboard",
-                  *TINY)
-    return run_dir
 
 
 def test_train_writes_audio_previews_and_export(audio_run):

@@ -5,45 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import pytest
 from helpers import multidiff_cli
 
 from multidiff.adapters.video import read_video
 from multidiff.cli.compose import compose
-
-TINY_VIDEO = [
-    "recipe=video_moving_digits",
-    "backbone=unet3d_tiny",
-    "data.batch_size=4",
-    "data.dataset.num_digits=30",
-    "trainer.max_steps=3",
-    "trainer.log_every_n_steps=1",
-    "callbacks.samples.every_n_steps=2",
-    "callbacks.samples.steps=2",
-    "callbacks.samples.num_per_prompt=1",
-    "callbacks.checkpoint.every_n_steps=2",
-    "+trainer.enable_progress_bar=false",
-    "logger=tensorboard",
-    "training.slice_items=1",  # joint image-video training: one of the 4 clips trained as a single frame
-    # noise partly shared across frames, in training and sampling (through the CLI's override grammar)
-    "diffusion.noise_prior={_target_:multidiff.core.noise.SharedNoise,correlation:0.5,axes:[1]}",
-]
-
-
-@pytest.fixture(scope="module")
-def video_run(tmp_path_factory, tiny_run, data_root):
-    """Three steps of the video recipe, its UNet3D inflated from a copy of the tiny image model that
-    is deleted afterwards (a trained video model must not need the model it started from)."""
-    base = tmp_path_factory.mktemp("video")
-    image_model = base / "image_model"
-    shutil.copytree(tiny_run / "model", image_model)
-    run_dir = base / "run"
-    proc = multidiff_cli("train", *TINY_VIDEO, f"run_dir={run_dir}", f"data_root={data_root}",
-                         f"backbone.init_from={image_model}")
-    shutil.rmtree(image_model)
-    return run_dir, proc
 
 
 def test_recipe_composes_a_video_run():

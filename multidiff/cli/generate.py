@@ -103,11 +103,29 @@ def route_options(overrides: list[str]) -> list[str]:
 def model_adapter(cfg: DictConfig):
     """The adapter of ``cfg.model``, built from the model's config alone (no weights are read from
     an exported directory): enough to check and list the modality's options before a model load."""
+    model = require(cfg, "model", "an exported model directory (RUN/model) or a checkpoint (.ckpt)")
+    return adapter_of(str(model), [str(t) for t in cfg.get("trusted_targets") or []])
+
+
+def adapter_of(model: str, trusted_targets=()):
+    """The adapter of the model at ``model`` (an export or a checkpoint), from its config alone."""
     from multidiff.pipeline import read_model_config
 
-    model = require(cfg, "model", "an exported model directory (RUN/model) or a checkpoint (.ckpt)")
-    trusted = [str(t) for t in cfg.get("trusted_targets") or []]
-    return safe_instantiate(read_model_config(str(model)).modality, trusted=trusted, source=str(model))
+    return safe_instantiate(read_model_config(model).modality, trusted=list(trusted_targets), source=model)
+
+
+def check_request(adapter, opts: GenerateOptions) -> dict:
+    """Everything about a request that ``adapter`` can judge without weights: the modality's options,
+    the edit (files, sizes, regions) and the file format. Returns the checked options (with those an
+    input implies, such as its duration); ``ValueError`` says what is wrong."""
+    from multidiff.pipeline import prepare_edit
+
+    options = adapter.read_options(opts.options)
+    region = {o.name: options.pop(o.name) for o in adapter.region_options()}
+    prepare_edit(adapter, opts.init, opts.mask, opts.strength, opts.harmonize, options, region)
+    if opts.format:
+        adapter.check_format(opts.format)
+    return options
 
 
 def model_help(cfg: DictConfig) -> str:
@@ -149,7 +167,7 @@ def read_prompts(opts: GenerateOptions) -> list[str]:
 def run(cfg: DictConfig) -> list[Path]:
     """Check everything the config alone can tell (keys, prompts, the output folder, the model's
     own options and format), then load the model, sample and write ``out``."""
-    from multidiff.pipeline import GenerationError, Pipeline, prepare_edit
+    from multidiff.pipeline import GenerationError, Pipeline
 
     opts = GenerateOptions.from_config(cfg)
     out = Path(opts.out)
@@ -158,14 +176,9 @@ def run(cfg: DictConfig) -> list[Path]:
         raise ConfigError(f"out={out} already holds results (metadata.jsonl); choose a new out= or add overwrite=true")
     sampler = safe_instantiate(cfg.sampler.fn, source="sampler config")
     try:  # before the model loads: a wrong option, file type or edit should cost a second, not a model load
-        adapter = model_adapter(cfg)
-        options = adapter.read_options(opts.options)
-        region = {o.name: options.pop(o.name) for o in adapter.region_options()}
-        prepare_edit(adapter, opts.init, opts.mask, opts.strength, opts.harmonize, options, region)
-        if opts.format:
-            adapter.check_format(opts.format)
+        check_request(model_adapter(cfg), opts)
     except ValueError as e:
-        raise ConfigError(_with_own_keys(str(e))) from None
+        raise ConfigError(with_own_keys(str(e))) from None
     pipe = Pipeline.load(opts.model, device=opts.device, trusted_targets=opts.trusted_targets,
                          channels_last=opts.channels_last, compile=opts.compile, compile_options=opts.compile_options or None)
     try:
@@ -177,12 +190,12 @@ def run(cfg: DictConfig) -> list[Path]:
         )
         paths = pipe.save(samples, out, overwrite=opts.overwrite, model=opts.model, format=opts.format)
     except (GenerationError, ValueError) as e:
-        raise ConfigError(_with_own_keys(str(e))) from None
+        raise ConfigError(with_own_keys(str(e))) from None
     print(f"wrote {len(paths)} file(s) and metadata.jsonl to {out}")
     return paths
 
 
-def _with_own_keys(message: str) -> str:
+def with_own_keys(message: str) -> str:
     """An unknown generation option may be a misspelt key of generate itself: list those too."""
     if message.startswith("unknown generation option"):
         message += f". (generate's own keys: {', '.join(GenerateOptions.keys())}, sampler)"

@@ -28,10 +28,13 @@ GENERATE_GROUPS = ("sampler",)
 USAGE = {
     "train": "usage: multidiff train [recipe=NAME] [key=value ...] [--cfg] [--help]",
     "generate": 'usage: multidiff generate model=DIR prompt="..." out=DIR [key=value ...] [--cfg] [--help]',
+    "serve": "usage: multidiff serve model=DIR [models=[DIR,...]] [out=DIR] [host=127.0.0.1] [port=7860] [key=value ...]",
 }
 ABOUT = {
     "train": "Trains a diffusion model from a recipe (or the defaults below) and exports it to RUN_DIR/model.",
     "generate": "Samples a trained model from prompts and writes OUT/NNNN.<format> files and OUT/metadata.jsonl.",
+    "serve": ("Serves a web page (Gradio) to prompt a model, follow the sampling and play, view or download the results,\n"
+              "which are also written to OUT/NNNN.<format> + OUT/metadata.jsonl. docs/serve.md has more."),
 }
 
 
@@ -100,6 +103,19 @@ def generate_help(cfg: DictConfig, choices: dict[str, str], extra_dirs: list[Pat
                      "multidiff generate model=DIR --help lists them.")
     else:
         lines.append(model_help(cfg))
+    return "\n".join(lines)
+
+
+def serve_help(cfg: DictConfig, choices: dict[str, str], extra_dirs: list[Path] = ()) -> str:
+    """``multidiff serve --help``: the command's options (a model's own appear in the page)."""
+    from multidiff.cli.serve import ServeOptions
+
+    lines = [USAGE["serve"], "", ABOUT["serve"], "", "options (key=value; type, value, meaning):"]
+    lines += option_table(ServeOptions.describe(), cfg)
+    lines += ["", "config groups (group=option; * = the page's first choice):"]
+    lines += group_lines(GENERATE_GROUPS, choices, extra_dirs)
+    lines += ["", "The page shows each model's own generation options and regions to edit; "
+              "multidiff generate model=DIR --help lists them too."]
     return "\n".join(lines)
 
 
@@ -173,6 +189,7 @@ def reference() -> str:
     """The whole option reference as Markdown (``docs/options.md``), from the schemas alone."""
     from multidiff.cli.compose import compose
     from multidiff.cli.generate import GenerateOptions
+    from multidiff.cli.serve import ServeOptions
     from multidiff.cli.train import RunOptions, group_key_rows
     from multidiff.training.autoencoder import ReconstructionOptions
     from multidiff.training.options import TrainingOptions
@@ -202,6 +219,9 @@ def reference() -> str:
               "Written as `name=value` after the model (`multidiff generate model=DIR --help` lists a model's own, with",
               "the defaults it was trained with). The modalities that ship with multidiff:", ""]
     lines += _modality_sections()
+    lines += ["", "## multidiff serve", "", "Keys (`conf/serve.yaml`; `docs/serve.md` describes the page):", ""]
+    lines += _md_rows(ServeOptions.describe())
+    lines += ["", "Config groups: `sampler` (the page's first choice; the page offers every one)."]
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ USAGE = """usage: multidiff COMMAND [key=value ...] [--cfg] [--help]
 commands:
   train      train a model:     multidiff train recipe=image_digits run_dir=runs/digits trainer.max_steps=500
   generate   sample from one:   multidiff generate model=runs/digits/model prompt="a handwritten digit seven" out=out/
+  serve      a web page for one: multidiff serve model=runs/digits/model   (then open http://127.0.0.1:7860)
   recipes    one line per recipe (what it trains, its time on a 2-core CPU, its measured quality)
 
 multidiff COMMAND --help lists every option of the command with its type, default and meaning
@@ -18,7 +19,7 @@ multidiff COMMAND --help lists every option of the command with its type, defaul
 hydra.searchpath=[file:///path/to/conf].
 """
 
-COMMANDS = ("train", "generate", "recipes")
+COMMANDS = ("train", "generate", "serve", "recipes")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -71,6 +72,11 @@ def _help(command: str, args: list[str]) -> int:
 
             cfg, choices = compose_with_choices("generate", route_options(overrides))
             print(generate_help(cfg, choices, extra))
+        elif command == "serve":
+            from multidiff.cli.help import serve_help
+
+            cfg, choices = compose_with_choices("serve", overrides)
+            print(serve_help(cfg, choices, extra))
         else:
             cfg, choices = compose_with_choices("train", overrides)
             print(train_help(cfg, choices, extra))
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "train":
             from multidiff.cli.train import run
+        elif command == "serve":
+            from multidiff.cli.serve import run
         else:
             from multidiff.cli.generate import run
         run(cfg)
