@@ -23,6 +23,8 @@ ALLOWED = {
     "evaluation": ({"core", "adapters", "datasets", "evaluation"}, None),
     "training": ({"core", "conditioning", "backbones", "adapters", "datasets", "pipeline", "configuration", "performance",
                   "options", "training"}, None),
+    # the page: presentation over the CLI's request service (cli/ stays free of media types)
+    "webapp": ({"cli", "webapp"}, None),
 }
 MODALITY_WORDS = re.compile(
     r"image|audio|video|clip\b|spectrogram|waveform|pixel|\bmel\b|frames?\b|png|wav|mp4|gif|vocoder|duration|fps|"

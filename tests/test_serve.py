@@ -15,7 +15,8 @@ from PIL import Image
 from multidiff.cli.compose import ConfigError, compose
 from multidiff.cli.main import main
 from multidiff.cli.serve import ServeOptions
-from multidiff.cli.webapp import GenerationService, Limits, media_kind
+from multidiff.cli.service import GenerationService, Limits
+from multidiff.webapp.page import media_kind
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +91,8 @@ def test_results_number_on_after_what_the_folder_holds_and_match_generate(tiny_r
     """A folder that already holds a `generate` run: the server numbers on, appends rows, replaces nothing;
     and its files are what `generate` writes for the same settings and seed."""
     model, out = str(tiny_run / "model"), tmp_path / "out"
-    multidiff_cli("generate", f"model={model}", "prompt=a handwritten digit two", "num_samples=2", "seed=5", "steps=2",
-                  f"out={out}")
+    assert main(["generate", f"model={model}", "prompt=a handwritten digit two", "num_samples=2", "seed=5", "steps=2",
+                 f"out={out}"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     service = GenerationService([model], out)
     seen = []

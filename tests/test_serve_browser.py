@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, Served, multidiff_cli
+from helpers import ROOT, Served
 
 from multidiff.adapters.video import read_video
 from multidiff.cli.generate import adapter_of
+from multidiff.cli.main import main
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
@@ -128,7 +129,7 @@ def test_prompt_and_generate_show_the_result_and_it_is_what_generate_writes(serv
 
     got = download(link, tmp_path / "page" / link.rsplit("/", 1)[1])
     cli = tmp_path / "cli"
-    multidiff_cli("generate", f"model={model}", f"prompt={PROMPTS[kind]}", "seed=3", "steps=2", f"out={cli}")
+    assert main(["generate", f"model={model}", f"prompt={PROMPTS[kind]}", "seed=3", "steps=2", f"out={cli}"]) == 0
     (want,) = [p for p in cli.iterdir() if p.name.startswith("0000")]
     assert got.suffix == want.suffix == {"image": ".png", "audio": ".wav", "video": ".mp4"}[kind]
     a, b = decoded(got), decoded(want)
@@ -174,7 +175,7 @@ def test_four_clients_at_once_each_get_their_own_result(servers, tmp_path):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(ask, [20, 21, 22, 23]))
     cli = tmp_path / "cli"
-    multidiff_cli("generate", f"model={model}", f"prompt={prompt}", "seed=20", "num_samples=4", "steps=2", f"out={cli}")
+    assert main(["generate", f"model={model}", f"prompt={prompt}", "seed=20", "num_samples=4", "steps=2", f"out={cli}"]) == 0
     names = set()
     for seed, files, rows in results:
         (path,) = files

@@ -91,7 +91,8 @@ class ServeOptions(Options):
 
 def run(cfg: DictConfig) -> None:
     """Check the options and every model's config, then serve until interrupted."""
-    from multidiff.cli.webapp import GenerationService, Limits, build_app, launch
+    from multidiff.cli.service import GenerationService, Limits
+    from multidiff.webapp.page import build_app, launch
 
     opts = ServeOptions.from_config(cfg)
     limits = Limits(steps=opts.max_steps, samples=opts.max_samples, scale=opts.max_scale,

@@ -1,0 +1,1 @@
+"""The web page of ``multidiff serve`` (:mod:`multidiff.webapp.page`)."""
