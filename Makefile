@@ -31,7 +31,7 @@ serve: $(STAMP)
 	$(VENV)/bin/multidiff serve model=runs/demo/model out=runs/demo/served
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

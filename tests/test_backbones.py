@@ -15,6 +15,7 @@ from multidiff.backbones.base import Backbone, BackboneShapeError, upgrade_backb
 from multidiff.backbones.conditioning import append_tokens, attention_bias, attention_context, class_labels
 from multidiff.backbones.convunet import ConvUNet
 from multidiff.backbones.diffusers_unet import DiffusersUNet
+from multidiff.backbones.dit import DiT
 from multidiff.backbones.unet import UNet2DCond
 from multidiff.backbones.unet3d import InflationError, UNet3DCond
 from multidiff.cli.compose import available, compose, config_root
@@ -48,10 +49,16 @@ def build(name: str, shape, conditioning: str = "minilm", *, seed: int = 0) -> t
 
 def target_class(name: str) -> type[Backbone]:
     target = OmegaConf.load(BACKBONE_DIR / f"{name}.yaml")._target_
-    return {c.__name__: c for c in (UNet2DCond, UNet3DCond, ConvUNet)}[target.rsplit(".", 1)[1]]
+    return {c.__name__: c for c in (UNet2DCond, UNet3DCond, ConvUNet, DiT)}[target.rsplit(".", 1)[1]]
 
 
-CASES = [(name, rank) for name in BACKBONES for rank in target_class(name).ranks]
+def ranks_to_check(name: str) -> tuple[int, ...]:
+    """The ranks a config's class takes; for an any-rank class (``ranks = ()``) 1, 2 and 3, and only 2
+    for its GPU-sized config (the same class as the small one, 71 M parameters to build each time)."""
+    return target_class(name).ranks or ((2,) if name.endswith("_base") else (1, 2, 3))
+
+
+CASES = [(name, rank) for name in BACKBONES for rank in ranks_to_check(name)]
 
 
 def text_cond(b: int, dim: int, *, seed: int = 1) -> Cond:
@@ -141,6 +148,9 @@ def test_backbone_contract_with_labels(name, rank):
 @pytest.mark.parametrize("name", BACKBONES)
 def test_backbone_refuses_ranks_it_does_not_take(name):
     cls = target_class(name)
+    if not cls.ranks:  # any rank (the DiT): nothing to refuse, rank 4 included
+        assert build(name, (1, 2, 3, 4, 5))[0].shape == (1, 2, 3, 4, 5)
+        return
     for rank in sorted({1, 2, 3, 4} - set(cls.ranks)):
         shape = (1,) + (8,) * rank
         with pytest.raises(Exception) as err:  # noqa: PT011 -- Hydra wraps what the constructor raises
@@ -149,7 +159,7 @@ def test_backbone_refuses_ranks_it_does_not_take(name):
         assert isinstance(error, BackboneShapeError), repr(err.value)
         msg = str(error)
         assert cls.__name__ in msg and str(shape) in msg and f"rank {rank}" in msg, msg
-        assert ("backbone=convunet1d" in msg) if rank == 1 else ("Backbone subclass" in msg if rank == 4 else
+        assert ("backbone=convunet1d" in msg) if rank == 1 else ("backbone=dit_small" in msg if rank == 4 else
                                                                "backbone=" in msg), msg
 
 
@@ -160,7 +170,8 @@ def test_shape_errors_name_the_class_the_shape_and_the_fix():
     with pytest.raises(BackboneShapeError, match=r"UNet3DCond .* \(1, 16, 16\) .*rank 3 only; choose "
                                                  r"backbone=unet2d_small or backbone=convunet2d"):
         UNet3DCond(shape=(1, 16, 16))
-    with pytest.raises(BackboneShapeError, match=r"ConvUNet .*rank 4.*no built-in backbone takes rank-4 items"):
+    with pytest.raises(BackboneShapeError,
+                       match=r"ConvUNet .*rank 4.*backbone=dit_small \(a transformer over patches of any rank\) takes rank-4"):
         ConvUNet(shape=(1, 2, 2, 2, 2))
     for bad in [(1,), (0, 8), (1, -2, 4)]:
         with pytest.raises(BackboneShapeError, match=r"ConvUNet was given items of shape .* every size >= 1"):

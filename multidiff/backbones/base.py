@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from multidiff.core.cond import Cond
 
 # Built-in backbone configs per item rank: what a shape error suggests instead.
-_CONFIGS_FOR_RANK = {1: "backbone=convunet1d", 2: "backbone=unet2d_small or backbone=convunet2d",
+_CONFIGS_FOR_RANK = {1: "backbone=convunet1d or backbone=dit_small", 2: "backbone=unet2d_small or backbone=convunet2d",
                      3: "backbone=unet3d_small or backbone=convunet3d"}
 
 
@@ -119,7 +119,7 @@ class Backbone(nn.Module):
         if cls.ranks and rank not in cls.ranks:
             wanted = " or ".join(str(r) for r in cls.ranks)
             fix = (f"choose {_CONFIGS_FOR_RANK[rank]} for rank-{rank} items" if rank in _CONFIGS_FOR_RANK
-                   else f"no built-in backbone takes rank-{rank} items: write a Backbone subclass with {rank} in its ranks")
+                   else f"backbone=dit_small (a transformer over patches of any rank) takes rank-{rank} items")
             raise BackboneShapeError(
                 f"{cls.__name__} was given items of shape {shape} (rank {rank}: C={shape[0]} and {rank} data "
                 f"axes), but it takes items of rank {wanted} only; {fix} (docs/new_modality.md lists the backbones)"

@@ -236,6 +236,78 @@ def sample_dpmpp_3m(denoiser, x, sigmas, *, cond=None, generator=None, callback=
     return sample_dpmpp_3m_sde(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, eta=0.0)
 
 
+@torch.no_grad()
+def sample_unipc(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, order: int = 2,
+                 variant: str = "bh2") -> Tensor:
+    """UniPC (Zhao et al. 2023): the multistep predictor UniP and the corrector UniC, which corrects
+    each predicted sample with the model evaluation the next step makes anyway (no extra calls).
+
+    Data prediction in ``lambda = -log sigma`` (scale-free, so the same steps serve VP, VE and flow
+    models), ``order`` 1..3 with a warm-up of lower orders and lower orders on the final steps, and
+    ``variant`` ``bh2`` (``B(h) = e^h - 1``, the paper's choice for guided sampling) or ``bh1``
+    (``B(h) = h``): diffusers' ``UniPCMultistepScheduler`` with ``predict_x0``, ``lower_order_final``
+    and ``final_sigmas_type="zero"``, written in the sigma frame. The step to sigma 0 returns the
+    model's estimate.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
+    grid = read_grid(sigmas)
+    steps = len(grid) - 1
+    lambdas: list[float] = []  # -log sigma of the earlier evaluations, newest last
+    outputs: list[Tensor] = []  # their denoised estimates
+    last_x, last_order = x, 1
+    for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
+        denoised = _call(denoiser, x, s, cond)
+        if outputs:  # UniC on the sample the last step predicted, with this evaluation
+            x = _unipc_update(last_x, lambdas, outputs, grid[i - 1], s, last_order, variant, model_t=denoised)
+        lambdas, outputs = (lambdas + [-math.log(s)])[-order:], (outputs + [denoised])[-order:]
+        this_order = min(order, steps - i, i + 1)  # warm-up, and lower orders on the final steps
+        last_x, last_order = x, this_order
+        x = denoised if s_next == 0 else _unipc_update(x, lambdas, outputs, s, s_next, this_order, variant)
+        _report(callback, i, x, s, s_next, denoised)
+    return x
+
+
+def _unipc_update(x: Tensor, lambdas: list[float], outputs: list[Tensor], sigma_s0: float, sigma_t: float,
+                  order: int, variant: str, model_t: Tensor | None = None) -> Tensor:
+    """One UniPC update of ``x`` from ``sigma_s0`` (the newest of ``lambdas``/``outputs``) to ``sigma_t``:
+    the predictor UniP-``order``, or with ``model_t`` (the estimate at ``sigma_t``) the corrector UniC.
+    Eqs. of the paper's Algorithms 1-2 in data prediction, as ``multistep_uni_{p,c}_bh_update`` of diffusers."""
+    lam_s0, m0 = lambdas[-1], outputs[-1]
+    h = -math.log(sigma_t) - lam_s0
+    rks = [(lambdas[-(k + 1)] - lam_s0) / h for k in range(1, order)]
+    d1s = [(outputs[-(k + 1)] - m0) / rk for k, rk in enumerate(rks, start=1)]
+    rks.append(1.0)
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    h_phi_k, factorial = h_phi_1 / hh - 1, 1
+    rows, b = [], []
+    for k in range(1, order + 1):
+        rows.append([rk ** (k - 1) for rk in rks])
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    x_t = (sigma_t / sigma_s0) * x - h_phi_1 * m0
+    if model_t is None:
+        if not d1s:
+            return x_t
+        rhos = [0.5] if order == 2 else _solve([r[:-1] for r in rows[:-1]], b[:-1])
+        return x_t - b_h * sum(r * d for r, d in zip(rhos, d1s))
+    rhos = [0.5] if order == 1 else _solve(rows, b)
+    correction = rhos[-1] * (model_t - m0)
+    for r, d in zip(rhos[:-1], d1s):
+        correction = correction + r * d
+    return x_t - b_h * correction
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """``a^-1 b`` for UniPC's small systems, in float64 on the host."""
+    return torch.linalg.solve(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)).tolist()
+
+
 def _flow_velocity(x_t: Tensor, denoised: Tensor, t: float) -> Tensor:
     return (x_t - denoised) / t  # v = noise - x0, from x_t = (1 - t) x0 + t noise
 
@@ -284,6 +356,7 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "flow_euler": sample_flow_euler,
     "flow_heun": sample_flow_heun,
+    "unipc": sample_unipc,
 }
 """Name -> sampler, for listing and for tests that run every sampler. Configs use ``_target_``."""
 

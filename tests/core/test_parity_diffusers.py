@@ -22,10 +22,16 @@ import torch
 from torch import nn
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler  # noqa: E402
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler  # noqa: E402
 
 from multidiff.core.denoiser import Denoiser, EpsPrediction  # noqa: E402
-from multidiff.core.samplers import sample_ddim, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler  # noqa: E402
+from multidiff.core.samplers import (  # noqa: E402
+    sample_ddim,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_euler,
+    sample_unipc,
+)
 from multidiff.core.schedules import VPSchedule, karras_sigmas  # noqa: E402
 
 # diffusers' own deprecation chatter (numpy 2 ``copy=`` and friends), not ours
@@ -375,6 +381,102 @@ def test_dpmpp_2m_sde_parity_with_shared_noise(kind, solver_type):
         generator=torch.Generator().manual_seed(5),
     )
     assert (out - x).abs().max().item() < ATOL
+
+
+# --- UniPC -------------------------------------------------------------------------------------------
+
+
+def _unipc(kind: str, spacing: str, steps: int, final: str = "zero", **kw) -> UniPCMultistepScheduler:
+    sched = UniPCMultistepScheduler(**_common(kind), timestep_spacing=spacing, predict_x0=True,
+                                    lower_order_final=True, final_sigmas_type=final, **kw)
+    sched.set_timesteps(steps)
+    return sched
+
+
+# bh1 on the cosine grid from t=999 (sigma 2e4) is left out: there B(h) = h of the first step (~8)
+# multiplies float32 round-off, and both implementations land 5e-4 (multidiff) and 9e-4 (diffusers)
+# from a float64 run of the same solver, past ATOL_HUGE_SIGMA; bh2 there is within it.
+UNIPC_CASES = [(kind, spacing, variant) for kind, spacing in [("scaled_linear", "linspace"), ("linear", "trailing"),
+                                                              ("cosine", "trailing")]
+               for variant in ("bh1", "bh2") if not (kind == "cosine" and variant == "bh1")]
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize(("kind", "spacing", "variant"), UNIPC_CASES)
+def test_unipc_parity(kind, spacing, variant, order, steps):
+    """UniPC (predictor UniP + corrector UniC, data prediction) against diffusers' UniPCMultistepScheduler.
+
+    bh2 runs to sigma 0. diffusers' bh1 turns the step to sigma 0 into NaN (``B(h) = h`` is infinite
+    there and multiplies a zero correction), so bh1 is compared on the grid ending at the schedule's
+    smallest sigma (``final_sigmas_type="sigma_min"``), where both return the sample at that level."""
+    final = "zero" if variant == "bh2" else "sigma_min"
+    sched = _unipc(kind, spacing, steps, final, solver_order=order, solver_type=variant)
+    vp = _vp(kind, spacing)
+    assert torch.equal(vp.timesteps(steps), sched.timesteps)
+    sigmas = vp.sigmas(steps)
+    torch.testing.assert_close(sched.sigmas[:-1], sigmas[:-1], rtol=2e-5, atol=F32_ATOL)
+    if final == "sigma_min":
+        sigmas = torch.cat([sigmas[:-1], sched.sigmas[-1:]])
+        assert 0 < float(sigmas[-1]) < float(sigmas[-2])
+    eps_model = EpsModel(sched.alphas_cumprod)
+    noise = _noise()
+    ref = _diffusers_loop(sched, eps_model, noise.clone())
+    out = sample_unipc(_denoiser(eps_model, vp), noise * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas, order=order,
+                       variant=variant)
+    if final == "sigma_min":  # diffusers' VP sample at sigma_min -> the sigma frame
+        ref = ref * math.sqrt(1 + float(sigmas[-1]) ** 2)
+    assert torch.isfinite(ref).all() and (out - ref).abs().max().item() < _atol(sigmas)
+
+
+def _velocity(x: torch.Tensor, t) -> torch.Tensor:
+    """A smooth flow-matching velocity ``v = noise - x0``: exact for ``x0 ~ N(MU, SD^2)`` on the path
+    ``x_t = (1 - t) x0 + t noise``, plus ``0.05 t sin(2 x)`` so the test is not limited to affine models."""
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
+    xd = x.double()
+    x0 = MU + (1 - t) * SD**2 / ((1 - t) ** 2 * SD**2 + t**2) * (xd - (1 - t) * MU)
+    return ((xd - x0) / t + 0.05 * torch.sin(2 * xd)).float()
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_unipc_flow_parity(shift, order):
+    """UniPC on a flow-matching model (Wan's sampler: ``use_flow_sigmas``, ``flow_prediction``, a shift)
+    equals multidiff's UniPC in the sigma frame (``sigma = t / (1 - t)``) on the same grid."""
+    steps = 20
+    sched = UniPCMultistepScheduler(num_train_timesteps=1000, use_flow_sigmas=True, prediction_type="flow_prediction",
+                                    flow_shift=shift, solver_order=order, predict_x0=True, lower_order_final=True,
+                                    final_sigmas_type="zero")
+    sched.set_timesteps(steps)
+    ts = sched.sigmas.double()  # flow times, ending in 0
+    assert float(ts[-1]) == 0.0 and len(ts) == steps + 1
+    noise = _noise()
+    x = noise.clone()
+    for i, t in enumerate(sched.timesteps):
+        x = sched.step(_velocity(x, ts[i]), t, x).prev_sample
+
+    def denoiser(x, sigma, cond=None):  # the same model in the sigma frame: x_t = x / (1 + sigma)
+        t = (sigma.double() / (1 + sigma.double())).reshape(-1, *([1] * (x.ndim - 1)))
+        x_t = x / (1 + t / (1 - t))
+        return (x_t.double() - t * _velocity(x_t, t.flatten()).double()).float()
+
+    sigmas = torch.cat([ts[:-1] / (1 - ts[:-1]), ts[-1:]]).float()
+    out = sample_unipc(denoiser, noise * (1 + float(sigmas[0])), sigmas, order=order)
+    assert (out - x).abs().max().item() < ATOL
+
+
+def test_unipc_parity_is_sensitive():
+    """The corrector matters at this tolerance: UniPC-2 is far from DPM-Solver++(2M) (UniP alone) on the same grid."""
+    steps = 10
+    sched = _unipc("scaled_linear", "linspace", steps, solver_order=2, solver_type="bh2")
+    vp = _vp("scaled_linear", "linspace")
+    sigmas = vp.sigmas(steps)
+    eps_model = EpsModel(sched.alphas_cumprod)
+    noise = _noise()
+    ref = _diffusers_loop(sched, eps_model, noise.clone())
+    x = noise * math.sqrt(1 + float(sigmas[0]) ** 2)
+    dpm = sample_dpmpp_2m(_denoiser(eps_model, vp), x, sigmas)
+    assert (dpm - ref).abs().max().item() > 10 * ATOL
 
 
 def test_parity_is_sensitive():
