@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--max-nfe", type=int, default=10, help="the NFE budget of the target")
+    ap.add_argument("--modality", default=None, help="for a model of several modalities: its digits (e.g. image)")
+    ap.add_argument("--name", default="quality_per_step", help="results file name under benchmarks/results")
     args = ap.parse_args()
     if args.full:
         args.samples = args.samples_mid = args.samples_long = 100
@@ -74,7 +76,7 @@ def main() -> None:
     from multidiff.core.samplers import SAMPLERS as TABLE
 
     torch.manual_seed(0)
-    pipe = multidiff.load(args.model, device="cpu")
+    pipe = multidiff.load(args.model, device="cpu", modality=args.modality)
     judge = Judge()
     prompts = [f"a handwritten digit {name}" for name in DIGIT_NAMES]
     names = [s for s in args.samplers.split(",") if s]
@@ -116,7 +118,7 @@ def main() -> None:
         pivot.append({"sampler": name, **{f"{s} steps": f"{cells[s]['accuracy']:.2f} ({cells[s]['nfe']})"
                                           for s in steps_list if s in cells}})
     cols = ["sampler", "steps", "nfe", "samples", "accuracy", "seconds"]
-    path = write_results("quality_per_step", rows, cols, extra)
+    path = write_results(args.name, rows, cols, extra)
     from common import markdown_table
 
     with open(path, "a") as f:

@@ -30,17 +30,19 @@ from torch import Tensor
 from multidiff.atomic import replace_directory
 from multidiff.autoencoders.base import Identity, LatentStage, load_stage
 from multidiff.configuration import safe_instantiate, trusted_prefixes
-from multidiff.core.cond import Cond
+from multidiff.core.cond import Cond, with_input
 from multidiff.core.denoiser import Denoiser
 from multidiff.core.editing import InpaintDenoiser, check_strength, variation_sigmas, variation_start
 from multidiff.core.guidance import CFGDenoiser
 from multidiff.core.noise import PerSampleGenerator, with_prior
 from multidiff.core.samplers import SAMPLERS, read_grid
+from multidiff.multimodal import ModalityError, check_modalities, entry_config, modality_names, model_entries, select
 from multidiff.performance import apply_performance_options
 
 FORMAT = "multidiff-model"
 FORMAT_VERSION = 1
-MODEL_KEYS = ("modality", "autoencoder", "backbone", "diffusion", "conditioning", "editing", "trusted_targets")
+MODEL_KEYS = ("modality", "autoencoder", "backbone", "diffusion", "conditioning", "editing", "trusted_targets",
+              "modalities")
 
 
 class ModelLoadError(ValueError):
@@ -84,24 +86,36 @@ class ModelParts:
     schedule: object
     conditioner: object
     stage: LatentStage | None = None  # the latent stage; None or Identity: the backbone sees the adapter's tensors
+    modality: int | None = None  # a model of several modalities: this one's index (cond.modality); None: one modality
+    name: str | None = None  # ... and its name
 
 
 def model_config(cfg: DictConfig) -> DictConfig:
     """The part of a run's config needed to rebuild the model, resolved to plain values."""
     keep = {k: cfg[k] for k in MODEL_KEYS if k in cfg}
+    if modality_names(cfg):  # each modality's adapter, shift and patch; the data and previews are the run's
+        keep["modalities"] = model_entries(cfg)
+        keep.pop("modality", None)
     return OmegaConf.create(OmegaConf.to_container(OmegaConf.create(keep), resolve=True))
 
 
 def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None, trusted=None,
-                stage_dir: Path | None = None) -> ModelParts:
+                stage_dir: Path | None = None, modality: str | None = None) -> ModelParts:
     """Instantiate adapter, latent stage, denoiser (random backbone weights), schedule and conditioner.
 
     The shape flows down: the adapter's item shape builds the latent stage, whose latent shape
     builds the backbone. ``stage_dir``: a saved stage (an export's ``autoencoder/``) to use instead
     of building ``cfg.autoencoder``. ``trusted``: extra ``_target_`` prefixes allowed; ``None``
     takes the config's own ``trusted_targets`` (right for a config the user composed, never for a
-    file from elsewhere).
+    file from elsewhere). A model of several modalities (``cfg.modalities``) gives the parts of
+    ``modality`` (see :func:`build_modality_parts`).
     """
+    if modality_names(cfg):
+        try:
+            name = select(cfg, modality)
+        except ModalityError as e:
+            raise ModelLoadError(str(e)) from None
+        return build_modality_parts(cfg, source=source, conditioner=conditioner, trusted=trusted)[name]
     trusted = trusted_prefixes(cfg) if trusted is None else tuple(trusted)
     make = lambda node, **kw: safe_instantiate(node, trusted=trusted, source=source, **kw)  # noqa: E731
     adapter = make(cfg.modality)
@@ -123,6 +137,45 @@ def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None, tr
     if conditioner is None:
         conditioner = make(cfg.conditioning.encoder)
     return ModelParts(adapter, denoiser, schedule, conditioner, stage)
+
+
+def build_modality_parts(cfg: DictConfig, *, source: str = "config", conditioner=None,
+                         trusted=None) -> dict[str, ModelParts]:
+    """The parts of every modality of a multimodal config (:mod:`multidiff.multimodal`), in order:
+    each its own adapter and schedule (with the entry's shift), all one backbone (built with every
+    modality's shape and patch size: ``modalities=``), one denoiser and one text encoder."""
+    names = check_modalities(cfg)
+    trusted = trusted_prefixes(cfg) if trusted is None else tuple(trusted)
+    make = lambda node, **kw: safe_instantiate(node, trusted=trusted, source=source, **kw)  # noqa: E731
+    stage = cfg.get("autoencoder")
+    if stage is not None and not str(stage.get("_target_", "")).endswith(".Identity"):
+        raise ModelLoadError("a model of several modalities trains on the adapters' tensors: set autoencoder=identity "
+                             f"(latent stages per modality are not supported yet; got {stage.get('_target_')})")
+    if (cfg.get("editing") or {}).get("mask_conditioning"):
+        raise ModelLoadError("editing=masked is not supported for a model of several modalities yet; set editing=none")
+    entries = {n: entry_config(cfg, n) for n in names}
+    adapters = {n: make(entries[n].modality) for n in names}
+    shifts = {cfg.modalities[n].get("shift") for n in names} - {None}
+    if shifts and "schedule" in cfg.diffusion.parameterization:
+        raise ModelLoadError(
+            f"modalities.*.shift gives the modalities their own noise levels, but {cfg.diffusion.parameterization._target_} "
+            "depends on one schedule; use a parameterization without one (diffusion=flow or diffusion=edm) or drop the shifts")
+    from hydra.utils import get_object
+
+    if "modalities" not in inspect.signature(get_object(str(cfg.backbone._target_))).parameters:
+        raise ModelLoadError(f"backbone {cfg.backbone._target_} serves one modality; a model of several needs one "
+                             "that takes modalities= (backbone=dit_small, dit_tiny, dit_base)")
+    specs = {n: {"shape": list(adapters[n].shape), "patch_size": cfg.modalities[n].get("patch_size")} for n in names}
+    backbone = make(cfg.backbone, shape=tuple(adapters[names[0]].shape), modalities=specs)
+    prior = cfg.diffusion.get("noise_prior")
+    denoiser = Denoiser(backbone, make(cfg.diffusion.parameterization),
+                        loss_weighting=cfg.diffusion.get("loss_weighting", "none"),
+                        noise_prior=None if prior is None else make(prior))
+    if conditioner is None:
+        conditioner = make(cfg.conditioning.encoder)
+    return {n: ModelParts(adapters[n], denoiser, make(entries[n].diffusion.schedule), conditioner,
+                          Identity(shape=tuple(adapters[n].shape)).requires_grad_(False).eval(), modality=i, name=n)
+            for i, n in enumerate(names)}
 
 
 def mask_conditioning_arguments(cfg: DictConfig, latent_shape: tuple[int, ...]) -> dict:
@@ -203,7 +256,9 @@ def load_backbone_state(path: str | Path) -> dict[str, Tensor]:
     """The backbone weights of an exported model or checkpoint (its text encoder is not loaded)."""
     path = Path(path)
     cfg, load_weights, stage_dir = _read_model(path)
-    parts = build_parts(cfg, source=str(path), trusted=(), stage_dir=stage_dir, conditioner=_NO_CONDITIONER)
+    names = modality_names(cfg)  # a model of several modalities: they share the one backbone
+    parts = build_parts(cfg, source=str(path), trusted=(), stage_dir=stage_dir, conditioner=_NO_CONDITIONER,
+                        modality=names[0] if names else None)
     load_weights(parts)
     return parts.denoiser.backbone.state_dict()
 
@@ -235,6 +290,7 @@ class Pipeline:
         self.schedule, self.conditioner = parts.schedule, parts.conditioner
         self.stage = (parts.stage or Identity(shape=tuple(parts.adapter.shape))).eval()
         self.config, self.source = config, source
+        self.modality, self.modality_name = parts.modality, parts.name  # of a model of several modalities
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.denoiser.to(self.device)
         self.stage.to(self.device)
@@ -243,14 +299,18 @@ class Pipeline:
         self.conditioner.to(self.device)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | None = None, trusted_targets=(), **performance) -> Pipeline:
+    def load(cls, path: str | Path, *, device: str | None = None, trusted_targets=(), modality: str | None = None,
+             **performance) -> Pipeline:
         """Load an export or checkpoint. Only ``multidiff.`` targets (and the caller's explicit
         ``trusted_targets`` prefixes, never a list written inside the file) are instantiated.
-        ``performance``: ``channels_last``, ``compile``, ``compile_options`` (see
-        :func:`multidiff.performance.apply_performance_options`)."""
+        ``modality``: which modality of a model of several to generate (required there, refused with
+        the list of them when missing or unknown). ``performance``: ``channels_last``, ``compile``,
+        ``compile_options`` (see :func:`multidiff.performance.apply_performance_options`)."""
         path = Path(path)
         cfg, load_weights, stage_dir = _read_model(path)
-        parts = build_parts(cfg, source=str(path), trusted=trusted_targets, stage_dir=stage_dir)
+        if modality is not None and not modality_names(cfg):
+            raise ModelLoadError(f"modality={modality}: {path} is a model of one modality; leave modality= out")
+        parts = build_parts(cfg, source=str(path), trusted=trusted_targets, stage_dir=stage_dir, modality=modality)
         load_weights(parts)
         return cls(parts, config=cfg, source=str(path), device=device, **performance)
 
@@ -350,7 +410,7 @@ class Pipeline:
         return sample_prompts(
             self.denoiser, self.conditioner, prompts, seeds, shape, fn, sigmas,
             guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=self.device, callback=callback,
-            edit=edit,
+            edit=edit, modality=self.modality,
         )
 
     def _grid(self, steps: int, sigmas: Tensor | None) -> Tensor:
@@ -412,7 +472,8 @@ class Pipeline:
             rows.append({
                 "file": path.name, "prompt": prompt, "seed": s, "sampler": record.sampler, "steps": record.steps,
                 "guidance_scale": record.guidance_scale, "negative_prompt": record.negative_prompt,
-                "model": model or self.source, **extra_meta, **record.edit, **extra,
+                "model": model or self.source, **({"modality": self.modality_name} if self.modality_name else {}),
+                **extra_meta, **record.edit, **extra,
             })
         earlier = meta_path.read_text(encoding="utf-8") if append and meta_path.exists() else ""
         tmp = meta_path.with_suffix(".jsonl.tmp")
@@ -490,19 +551,22 @@ def _read_input(value, load, name: str) -> Tensor:
 
 @torch.inference_mode()
 def sample_prompts(denoiser, conditioner, prompts, seeds, shape, fn, sigmas, *, guidance_scale, negative_prompt=None,
-                   device="cpu", callback=None, edit: Edit | None = None) -> Tensor:
+                   device="cpu", callback=None, edit: Edit | None = None, modality: int | None = None) -> Tensor:
     """Sample model tensors ``(B, *shape)``: seeded noise, prompts encoded, CFG, then ``fn``.
 
     ``callback`` (e.g. a tqdm bar) gets ``update(1)`` after every sampler step. ``edit`` (in the
     space of ``shape``): start from the noised input (its ``strength``) and keep its region with
     :class:`~multidiff.core.editing.InpaintDenoiser` around the guided denoiser; a mask-conditioned
     backbone (``concat_channels``) also sees the region and the input as extra channels.
+    ``modality``: the index of the modality to generate with a model of several (``cond.modality``).
     """
     gen = with_prior(PerSampleGenerator(seeds), getattr(denoiser, "noise_prior", None))
     sigmas = sigmas.to(torch.float32)
     noise = gen.randn((len(prompts), *shape), device=device)
     x = noise * float(sigmas[0])
     cond = conditioner.encode(prompts)
+    if modality is not None:  # an input field: guidance hands it to the unconditional branch too
+        cond = with_input(cond, modality=torch.full((len(prompts),), modality, dtype=torch.long, device=device))
     uncond = conditioner.encode([negative_prompt]) if negative_prompt else conditioner.null()
     guided = CFGDenoiser(denoiser, uncond, guidance_scale)
     if edit is not None:
@@ -574,14 +638,23 @@ class _StepReporter:
         pass
 
 
-def load(path: str | Path, *, device: str | None = None, trusted_targets=(), channels_last: bool = False,
-         compile: bool = False, compile_options: dict | None = None) -> Pipeline:
+def load(path: str | Path, *, device: str | None = None, trusted_targets=(), modality: str | None = None,
+         channels_last: bool = False, compile: bool = False, compile_options: dict | None = None) -> Pipeline:
     """Load an exported model directory or a ``.ckpt`` as a :class:`Pipeline`.
+
+    ``modality``: for a model of several modalities (``multidiff.load(DIR, modality="audio")``),
+    the one to generate; :func:`modalities` lists them.
 
     ``trusted_targets``: module prefixes (e.g. ``["my_package."]``) whose ``_target_``s the model's
     config may instantiate besides ``multidiff.``; for models of modalities from your own package.
     ``channels_last`` / ``compile`` (+ ``compile_options`` for ``torch.compile``): speed options for
     the backbone, off by default (:mod:`multidiff.performance`).
     """
-    return Pipeline.load(path, device=device, trusted_targets=trusted_targets, channels_last=channels_last,
-                         compile=compile, compile_options=compile_options)
+    return Pipeline.load(path, device=device, trusted_targets=trusted_targets, modality=modality,
+                         channels_last=channels_last, compile=compile, compile_options=compile_options)
+
+
+def modalities(path: str | Path) -> list[str]:
+    """The modalities a model generates, in order: several for a multimodal model, ``[]`` for one of
+    a single modality (nothing is built)."""
+    return modality_names(read_model_config(path))

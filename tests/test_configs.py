@@ -150,6 +150,10 @@ def test_recipe_composes_and_builds(recipe, tmp_path):
     from multidiff.cli.train import build
 
     overrides = [f"recipe={recipe}", f"data_root={tmp_path}"]
+    names = list(compose("train", overrides).get("modalities") or {})
+    if names:  # one model of several modalities: each batch is one modality's
+        _check_modalities_recipe(overrides, names, tmp_path)
+        return
     if "num_digits" in compose("train", overrides).data.dataset:  # 80 clips, not 7,188: the build is the point here
         overrides.append("data.dataset.num_digits=20")
     if OmegaConf.is_missing(compose("train", overrides).autoencoder, "path"):  # a latent recipe: its autoencoder run first
@@ -166,6 +170,27 @@ def test_recipe_composes_and_builds(recipe, tmp_path):
         assert batch["x"].shape[1:] == tuple(parts.adapter.shape)
     else:  # latents from the cache
         assert batch["z"].shape[1:] == parts.stage.latent_shape() == module.denoiser.backbone.shape
+
+
+def _check_modalities_recipe(overrides: list[str], names: list[str], tmp_path) -> None:
+    from multidiff.cli.train import build
+
+    cfg = compose("train", overrides)
+    overrides += [f"modalities.{n}.data.dataset.num_digits=20" for n in names
+                  if "num_digits" in cfg.modalities[n].data.dataset]
+    cfg = compose("train", overrides)
+    parts, module, datamodule, trainer = build(cfg, Path(tmp_path) / "run")
+    assert trainer.max_steps == cfg.trainer.max_steps > 0 and parts.name == names[0]
+    backbone = module.denoiser.backbone
+    assert list(backbone.modalities) == names
+    datamodule.setup()
+    seen = set()
+    for batch, _ in zip(datamodule.train_dataloader(), range(12)):
+        name = names[batch["modality"]]
+        seen.add(name)
+        assert len(batch["text"]) == cfg.modalities[name].data.batch_size
+        assert batch["x"].shape[1:] == backbone.modalities[name].shape
+    assert seen == set(names)
 
 
 def test_command_line_overrides_win_over_recipe():

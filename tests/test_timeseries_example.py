@@ -280,3 +280,23 @@ def test_an_autoencoder_of_series_trains_with_the_adapters_spectral_loss(tmp_pat
     assert len(spectral) == 3 and all(v > 0 for v in spectral)
     info = json.loads((run / "model" / "multidiff.json").read_text())
     assert info["shape"] == [2, 128] and info["latent_shape"] == [4, 64]
+
+
+def test_the_dit_recipe_builds_from_the_examples_own_backbone_config_and_samples_any_length(tmp_path):
+    """recipe=timeseries_sines_dit: multidiff's DiT through the example's conf/backbone/dit_series.yaml
+    (found through the search path only); the built model takes the training length and twice it."""
+    from multidiff.cli.compose import compose
+    from multidiff.cli.train import build
+
+    cfg = compose("train", ["recipe=timeseries_sines_dit", *PLUGIN, f"data_root={tmp_path}", "data.dataset.per_class=1"])
+    assert cfg.backbone._target_ == "multidiff.backbones.dit.DiT" and cfg.backbone.patch_size == 4
+    parts, module, datamodule, trainer = build(cfg, tmp_path / "run")
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    x0 = batch["x"]
+    loss = parts.denoiser.loss(x0, module.noise.sample(len(x0)), torch.randn_like(x0), parts.conditioner.encode(batch["text"]))
+    assert loss.shape == (32,) and torch.isfinite(loss).all()
+    for length in (128, 256, 90):  # 90: not a multiple of the patch, padded and cropped
+        shape = parts.adapter.sample_shape(length=length)
+        out = parts.denoiser(torch.randn(2, *shape), torch.full((2,), 1.0), parts.conditioner.encode(["a 3 Hz sine"] * 2))
+        assert out.shape == (2, *shape) == (2, 2, length)

@@ -93,13 +93,13 @@ def exported(run_dir):
     return {k: v for f in files for k, v in load_file(f).items()}
 
 
-@pytest.mark.parametrize("parts", [[4], [3, 6]], ids=["extended-once", "extended-twice"])
-def test_extending_a_finished_run_is_exact(straight, tmp_path, data_root, parts):
-    """A run that finished (mid-epoch) and is extended with a higher max_steps and resume=auto ends
-    with the weights, EMA and export of the uninterrupted run (its final checkpoint used to be
-    written after Lightning had closed the epoch, so the extension restarted on other data)."""
+def test_extending_a_finished_run_twice_is_exact(straight, tmp_path, data_root):
+    """A run that finished (mid-epoch) and is extended with a higher max_steps and resume=auto, twice
+    (4, then 6, then 8 steps), ends with the weights, EMA and export of the uninterrupted run (its
+    final checkpoint used to be written after Lightning had closed the epoch, so the extension
+    restarted on other data)."""
     run = tmp_path / "run"
-    for i, steps in enumerate([*parts, 8]):
+    for i, steps in enumerate([4, 6, 8]):
         train(run, data_root, f"trainer.max_steps={steps}", "callbacks.checkpoint.every_n_steps=4",
               *(["resume=auto"] if i else []))
         if steps == 4:  # the periodic checkpoint of step 4 holds that step's EMA update, as a final one does
@@ -112,14 +112,27 @@ def test_extending_a_finished_run_is_exact(straight, tmp_path, data_root, parts)
 
 
 def test_extending_a_run_that_finished_at_an_epoch_boundary_is_exact(tmp_path, data_root):
-    """Batch 64: an epoch is 28 steps (1,797 digits, last batch dropped); 28 + 28 == 56 straight, with
-    the recipe's end-of-run previews on."""
-    opts = ("data.batch_size=64", "callbacks.samples.at_end=true", "callbacks.checkpoint.every_n_steps=0")
+    """64 of the digits in a folder of your own (data=folder), batch 16: an epoch is 4 steps;
+    4 + 4 == 8 straight, with the recipe's end-of-run previews on."""
+    import json
+
+    from multidiff.datasets.digits import materialize_digits
+
+    source = materialize_digits(data_root, size=16)
+    folder = tmp_path / "digits64"
+    folder.mkdir()
+    rows = (source / "metadata.jsonl").read_text(encoding="utf-8").splitlines()[:64]
+    for row in rows:
+        shutil.copy(source / json.loads(row)["file_name"], folder)
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    opts = ("data=folder", f"data.dataset.root={folder}", "data.batch_size=16", "callbacks.samples.at_end=true",
+            "callbacks.checkpoint.every_n_steps=0")
     straight, run = tmp_path / "straight", tmp_path / "run"
-    train(straight, data_root, "trainer.max_steps=56", *opts)
-    train(run, data_root, "trainer.max_steps=28", *opts)
-    train(run, data_root, "trainer.max_steps=56", "resume=auto", *opts)
-    assert weights(run)[0] == weights(straight)[0] == 56
+    train(straight, data_root, "trainer.max_steps=8", *opts)
+    train(run, data_root, "trainer.max_steps=4", *opts)
+    assert weights(run)[0] == 4
+    train(run, data_root, "trainer.max_steps=8", "resume=auto", *opts)
+    assert weights(run)[0] == weights(straight)[0] == 8
     assert_same_weights(weights(run)[1], weights(straight)[1])
     assert_same_weights(weights(run, "ema.")[1], weights(straight, "ema.")[1])
     assert_same_weights(exported(run), exported(straight))

@@ -15,7 +15,11 @@ One class serves every rank (DiT, Peebles & Xie 2023, made rank-free):
 - **text**: cross-attention to ``cond.tokens`` (``cond.mask`` respected; a learned always-real
   token keeps a key for empty prompts), or with ``joint_attention=True`` MMDiT-style joint
   attention (SD3, Esser et al. 2024): the text tokens get their own weights and modulation and
-  attend together with the patches in one attention.
+  attend together with the patches in one attention;
+- **several modalities in one model** (``modalities``): each modality (an image, a spectrogram, a
+  clip: any ranks and channel counts) gets its own patch size, patch embedding and output layer,
+  and a learned modality embedding joins the noise level's; every block is shared. A batch says
+  which modality it is in ``cond.modality``.
 
 Attention is ``scaled_dot_product_attention`` (flash / memory-efficient kernels where available);
 ``gradient_checkpointing=True`` recomputes each block in the backward pass to save memory.
@@ -24,7 +28,8 @@ Attention is ``scaled_dot_product_attention`` (flash / memory-efficient kernels 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +223,29 @@ class _Stream(nn.Module):
         nn.init.zeros_(self.ada[1].bias)
 
 
+@dataclass(frozen=True)
+class _Modality:
+    """One modality of a multimodal :class:`DiT`: its name and index, item shape, patch and rotary split."""
+
+    name: str
+    index: int
+    shape: tuple[int, ...]
+    patch: tuple[int, ...]
+    rope_split: tuple[int, ...]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[0] * math.prod(self.patch)
+
+    out_features = in_features
+
+    def check_input(self, x: Tensor, owner: str) -> None:
+        if x.ndim != len(self.shape) + 1 or x.shape[1] != self.shape[0]:
+            raise BackboneShapeError(f"{owner}: modality {self.index} takes batches (B, {self.shape[0]}, "
+                                     f"{', '.join('n' * (len(self.shape) - 1))}) of any sizes (items {self.shape}), "
+                                     f"but got a batch of shape {tuple(x.shape)}")
+
+
 class DiT(Backbone):
     """Diffusion transformer over patches of items ``(C, *dims)`` of any rank (see the module docstring).
 
@@ -233,6 +261,10 @@ class DiT(Backbone):
         gradient_checkpointing: recompute blocks in the backward pass (less memory, ~30% more time).
         concat_channels: extra input channels for mask conditioning (zero-initialised).
         out_channels: output channels (default ``C``).
+        modalities: one model for several modalities: ``{name: {"shape": (C, *dims), "patch_size": p}}``
+            in a fixed order (a batch's ``cond.modality`` is an index into it; ``patch_size`` defaults
+            to the one above). Each gets its own patch embedding and output layer, and a learned
+            embedding of the modality is added to the noise level's. ``shape`` is the first one's.
     """
 
     ranks = ()  # any
@@ -241,7 +273,7 @@ class DiT(Backbone):
                  depth: int = 6, num_heads: int = 4, mlp_ratio: float = 4.0, cross_attention_dim: int | None = None,
                  pooled_dim: int | None = None, num_classes: int | None = None, joint_attention: bool = False,
                  rope_theta: float = 10_000.0, gradient_checkpointing: bool = False, concat_channels: int = 0,
-                 out_channels: int | None = None) -> None:
+                 out_channels: int | None = None, modalities: Mapping[str, Mapping] | None = None) -> None:
         super().__init__(shape=shape, concat_channels=concat_channels)
         rank = len(self.shape) - 1
         if hidden_size % num_heads:
@@ -252,10 +284,18 @@ class DiT(Backbone):
         self.rope_split = rope_split(hidden_size // num_heads, rank)
         self.gradient_checkpointing = gradient_checkpointing
         self.joint_attention = joint_attention
-        p = math.prod(self.patch)
-        self.embed = nn.Linear(self.input_channels * p, hidden_size)
-        with torch.no_grad():  # mask-conditioning channels start switched off (see Backbone)
-            self.embed.weight[:, self.shape[0] * p:].zero_()
+        self.modalities = self._modality_specs(modalities, patch_size, hidden_size // num_heads, out_channels)
+        if self.modalities:  # one patch embedding and output layer per modality, a learned modality embedding
+            self.embed = nn.ModuleDict({n: nn.Linear(m.in_features, hidden_size) for n, m in self.modalities.items()})
+            self.final = nn.ModuleDict({n: nn.Linear(hidden_size, m.out_features) for n, m in self.modalities.items()})
+            self.modality_embedding = nn.Embedding(len(self.modalities), hidden_size)
+            nn.init.normal_(self.modality_embedding.weight, std=0.02)
+        else:
+            p = math.prod(self.patch)
+            self.embed = nn.Linear(self.input_channels * p, hidden_size)
+            with torch.no_grad():  # mask-conditioning channels start switched off (see Backbone)
+                self.embed.weight[:, self.shape[0] * p:].zero_()
+            self.final = nn.Linear(hidden_size, self.out_channels * p)
         self.noise = NoiseEmbedding(256, hidden_size)
         self.pooled = nn.Linear(pooled_dim, hidden_size) if pooled_dim else None
         self.labels = LabelEmbedding(num_classes, hidden_size) if num_classes else None
@@ -266,10 +306,50 @@ class DiT(Backbone):
         self.blocks = nn.ModuleList([block(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-        self.final = nn.Linear(hidden_size, self.out_channels * p)
-        for layer in (self.final_ada[1], self.final):  # the network starts by predicting zero
+        finals = list(self.final.values()) if self.modalities else [self.final]
+        for layer in (self.final_ada[1], *finals):  # the network starts by predicting zero
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def _modality_specs(self, modalities, patch_size, head_dim: int, out_channels) -> dict[str, _Modality]:
+        """The checked ``modalities`` argument (``{}`` for a one-modality model)."""
+        if not modalities:
+            return {}
+        if self.concat_channels or out_channels:
+            raise BackboneShapeError("DiT: a model of several modalities takes no concat_channels or out_channels "
+                                     "(mask conditioning of a multimodal model is not supported yet)")
+        specs = {}
+        for name, spec in modalities.items():
+            if not str(name).isidentifier():
+                raise BackboneShapeError(f"DiT: modality name {name!r} must be a plain name (letters, digits, _)")
+            if not isinstance(spec, Mapping) or "shape" not in spec or set(spec) - {"shape", "patch_size"}:
+                raise BackboneShapeError(f"DiT: modalities.{name} must be {{shape: [C, ...], patch_size: ...}}, "
+                                         f"got {spec!r}")
+            shape = self.check_shape(spec["shape"])
+            patch = patch_sizes(spec.get("patch_size") or patch_size, len(shape) - 1)
+            specs[str(name)] = _Modality(str(name), len(specs), shape, patch, rope_split(head_dim, len(shape) - 1))
+        first = next(iter(specs.values()))
+        if first.shape != self.shape:
+            raise BackboneShapeError(f"DiT: shape={self.shape} must be the first modality's ({first.shape})")
+        return specs
+
+    def modality(self, cond: Cond | None) -> _Modality | None:
+        """The modality of a batch (``cond.modality``, an index into :attr:`modalities`); ``None`` for a
+        one-modality model."""
+        if not self.modalities:
+            return None
+        specs = list(self.modalities.values())
+        index = None if cond is None else cond.modality
+        if index is None:
+            if len(specs) == 1:
+                return specs[0]
+            raise BackboneShapeError(f"this DiT generates {', '.join(self.modalities)}: a batch must say which "
+                                     "(cond.modality, an index into that list)")
+        first = int(index.reshape(-1)[0])
+        if not 0 <= first < len(specs) or bool((index != first).any()):
+            raise BackboneShapeError(f"cond.modality={index.tolist()} is invalid: one index in 0..{len(specs) - 1} "
+                                     f"({', '.join(self.modalities)}) for the whole batch")
+        return specs[first]
 
     def conditioning(self, c_noise: Tensor, cond: Cond | None, like: Tensor) -> Tensor:
         """``(B, hidden)``: the noise level's embedding plus the pooled vector and the class label's."""
@@ -293,18 +373,27 @@ class DiT(Backbone):
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
         """``(B, C + K, *dims)``, ``(B,)``, ``Cond | None`` -> ``(B, out_channels, *dims)``."""
-        self.check_input(x)
+        modality = self.modality(cond)
+        if modality is None:
+            self.check_input(x)
+            patch, split, channels, embed, final = self.patch, self.rope_split, self.out_channels, self.embed, self.final
+        else:
+            modality.check_input(x, type(self).__name__)
+            patch, split, channels = modality.patch, modality.rope_split, modality.shape[0]
+            embed, final = self.embed[modality.name], self.final[modality.name]
         dims = x.shape[2:]
-        tokens, grid = patchify(x, self.patch)
-        h = self.embed(tokens)
+        tokens, grid = patchify(x, patch)
+        h = embed(tokens)
         c = self.conditioning(c_noise, cond, h)
+        if modality is not None:
+            c = c + self.modality_embedding.weight[modality.index].to(c.dtype)
         text, mask = self.text(cond, h)
-        rope = rope_angles(grid, self.rope_split, theta=self.rope_theta, device=x.device)
+        rope = rope_angles(grid, split, theta=self.rope_theta, device=x.device)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h, text = checkpoint(block, h, c, text, mask, rope, use_reentrant=False)
             else:
                 h, text = block(h, c, text, mask, rope)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
-        out = self.final(modulate(self.final_norm(h), shift, scale))
-        return unpatchify(out, grid, self.patch, self.out_channels, dims)
+        out = final(modulate(self.final_norm(h), shift, scale))
+        return unpatchify(out, grid, patch, channels, dims)

@@ -86,6 +86,7 @@ def compose_with_choices(config_name: str, overrides: list[str]) -> tuple[DictCo
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
     extra = _searchpath_dirs(overrides)
+    held, overrides = _hold_shadowed_keys(config_name, overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_root() / "conf"), version_base="1.3"):
@@ -99,7 +100,32 @@ def compose_with_choices(config_name: str, overrides: list[str]) -> tuple[DictCo
     choices = {str(k): str(v) for k, v in cfg.hydra.runtime.choices.items() if v is not None and not str(k).startswith("hydra")}
     OmegaConf.set_struct(cfg, False)
     del cfg["hydra"]
+    for key, value in held.items():
+        cfg[key] = value
     return cfg, choices
+
+
+def _hold_shadowed_keys(config_name: str, overrides: list[str]) -> tuple[dict, list[str]]:
+    """Overrides of plain keys of ``conf/<config_name>.yaml`` named like a config group it does not
+    use (``generate``'s ``modality=audio`` beside the ``conf/modality/`` group of ``train``): Hydra
+    would read them as a group choice, so they are held out and set after composition."""
+    import yaml
+
+    conf = config_root() / "conf"
+    primary = OmegaConf.load(conf / f"{config_name}.yaml")
+    used = {str(next(iter(d))).lstrip("/").split("@")[0] for d in primary.get("defaults", []) if isinstance(d, dict)}
+    shadowed = {str(k) for k in primary if k != "defaults" and (conf / str(k)).is_dir() and str(k) not in used}
+    held, rest = {}, []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and key in shadowed:
+            try:
+                held[key] = yaml.safe_load(value) if value else None
+            except yaml.YAMLError:
+                held[key] = value
+        else:
+            rest.append(o)
+    return held, rest
 
 
 def _missing_message(text: str, extra: list[Path]) -> str:

@@ -40,6 +40,8 @@ class GenerateOptions(Options):
     """samples denoised together (memory, not results)."""
     out: str = REQUIRED
     """the output directory: NNNN.<format> files and metadata.jsonl."""
+    modality: str | None = None
+    """a model of several modalities: which one to generate (generate model=DIR --help lists them)."""
     overwrite: bool = False
     """replace the results of an earlier run in out=."""
     trusted_targets: list[str] = field(default_factory=list)
@@ -104,14 +106,25 @@ def model_adapter(cfg: DictConfig):
     """The adapter of ``cfg.model``, built from the model's config alone (no weights are read from
     an exported directory): enough to check and list the modality's options before a model load."""
     model = require(cfg, "model", "an exported model directory (RUN/model) or a checkpoint (.ckpt)")
-    return adapter_of(str(model), [str(t) for t in cfg.get("trusted_targets") or []])
+    return adapter_of(str(model), [str(t) for t in cfg.get("trusted_targets") or []], cfg.get("modality"))
 
 
-def adapter_of(model: str, trusted_targets=()):
-    """The adapter of the model at ``model`` (an export or a checkpoint), from its config alone."""
+def adapter_of(model: str, trusted_targets=(), modality: str | None = None):
+    """The adapter of the model at ``model`` (an export or a checkpoint), from its config alone;
+    ``modality``: which one of a model of several (refused, listing them, when missing or unknown)."""
+    from multidiff.multimodal import ModalityError, modality_names, select
     from multidiff.pipeline import read_model_config
 
-    return safe_instantiate(read_model_config(model).modality, trusted=list(trusted_targets), source=model)
+    cfg = read_model_config(model)
+    if not modality_names(cfg):
+        if modality is not None:
+            raise ConfigError(f"modality={modality}: {model} is a model of one modality; leave modality= out")
+        return safe_instantiate(cfg.modality, trusted=list(trusted_targets), source=model)
+    try:
+        node = cfg.modalities[select(cfg, modality)].modality
+    except ModalityError as e:
+        raise ConfigError(str(e)) from None
+    return safe_instantiate(node, trusted=list(trusted_targets), source=model)
 
 
 def check_request(adapter, opts: GenerateOptions) -> dict:
@@ -129,10 +142,23 @@ def check_request(adapter, opts: GenerateOptions) -> dict:
 
 
 def model_help(cfg: DictConfig) -> str:
-    """The generation options of ``cfg.model``'s modality, one per line, with the model's defaults."""
-    adapter = model_adapter(cfg)
+    """The generation options of ``cfg.model``'s modality, one per line, with the model's defaults
+    (for a model of several modalities, those of each, or of the one ``modality=`` names)."""
+    from multidiff.multimodal import modality_names
+    from multidiff.pipeline import read_model_config
+
+    names = modality_names(read_model_config(str(require(cfg, "model", "an exported model directory"))))
+    if names and cfg.get("modality") is None:
+        head = f"{cfg.model} generates {', '.join(names)}: choose one with modality=NAME"
+        return "\n".join([head] + [_options_help(cfg, adapter_of(str(cfg.model), [str(t) for t in cfg.get(
+            "trusted_targets") or []], n), f"modality={n}") for n in names])
+    return _options_help(cfg, model_adapter(cfg), f"modality={cfg.modality}" if names else "")
+
+
+def _options_help(cfg: DictConfig, adapter, which: str) -> str:
     options = adapter.generation_options()
-    lines = [f"generation options of {cfg.model} ({type(adapter).__name__}), as name=value:"]
+    where = f"{cfg.model}{', ' + which if which else ''}"
+    lines = [f"generation options of {where} ({type(adapter).__name__}), as name=value:"]
     lines += [f"  {o.describe()}" for o in options] or ["  (none)"]
     regions = adapter.region_options()
     if regions:
@@ -179,7 +205,7 @@ def run(cfg: DictConfig) -> list[Path]:
         check_request(model_adapter(cfg), opts)
     except ValueError as e:
         raise ConfigError(with_own_keys(str(e))) from None
-    pipe = Pipeline.load(opts.model, device=opts.device, trusted_targets=opts.trusted_targets,
+    pipe = Pipeline.load(opts.model, device=opts.device, trusted_targets=opts.trusted_targets, modality=opts.modality,
                          channels_last=opts.channels_last, compile=opts.compile, compile_options=opts.compile_options or None)
     try:
         samples = pipe.generate(

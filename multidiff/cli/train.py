@@ -10,22 +10,14 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from multidiff.autoencoders.base import Identity
 from multidiff.cli.compose import ConfigError
 from multidiff.configuration import check_config, safe_instantiate, trusted_prefixes
+from multidiff.multimodal import ModalityError, check_modalities, entry_config, modality_names
+from multidiff.multimodal import weights as modality_weights
 from multidiff.options import OptionRow, Options
-from multidiff.training.faults import (
-    AtomicCheckpointIO,
-    GracefulStop,
-    LastCheckpoint,
-    NonFiniteGuard,
-    NonFiniteLossError,
-    SignalAtStep,
-    save_full_checkpoint,
-)
 from multidiff.training.options import OptionError, TrainingOptions
 
 log = logging.getLogger("multidiff.train")
@@ -129,6 +121,9 @@ def preflight(cfg: DictConfig) -> TrainingOptions:
     adapter is built for it (cheap: no weights), since the data's checks need its file types."""
     options = read_options(cfg)
     trusted = trusted_prefixes(cfg)
+    if modality_names(cfg):
+        _preflight_modalities(cfg, options, trusted)
+        return options
     adapter = safe_instantiate(cfg.modality, trusted=trusted, source="train config")
     check_config(cfg.data.dataset, trusted=trusted, source="train config", adapter=adapter)
     stage_target = None
@@ -162,6 +157,34 @@ def preflight(cfg: DictConfig) -> TrainingOptions:
     return options
 
 
+def _preflight_modalities(cfg: DictConfig, options: TrainingOptions, trusted) -> None:
+    """:func:`preflight` of a model of several modalities (``modalities``): every entry's keys, adapter
+    and dataset; what such a model does not support yet, refused by name."""
+    try:
+        names = check_modalities(cfg)
+    except ModalityError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.get("task", "diffusion") != "diffusion":
+        raise ConfigError("task=autoencoder trains the latent stage of one modality; drop modalities (or train each "
+                          "modality's autoencoder with its own recipe)")
+    if options.slice_items:
+        raise ConfigError("training.slice_items (slice training) is not supported for a model of several modalities; "
+                          "set training.slice_items=0")
+    if options.lr_scaling != "none":
+        raise ConfigError(f"training.lr_scaling={options.lr_scaling} scales the lr by one global batch, but the "
+                          "modalities of this model have their own batches; set training.lr_scaling=none and optimizer.lr")
+    for name in names:
+        entry = entry_config(cfg, name)
+        adapter = safe_instantiate(entry.modality, trusted=trusted, source=f"train config (modalities.{name})")
+        if entry.get("data") is None or "dataset" not in entry.data:
+            raise ConfigError(f"modalities.{name} has no data: give it a dataset (e.g. /data@modalities.{name}.data: "
+                              "digits in the recipe's defaults list)")
+        batch = entry.data.get("batch_size")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ConfigError(f"modalities.{name}.data.batch_size={batch!r} is invalid: it must be a positive integer")
+        check_config(entry.data.dataset, trusted=trusted, source=f"train config (modalities.{name})", adapter=adapter)
+
+
 def build(cfg: DictConfig, run_dir: Path, options: TrainingOptions | None = None):
     """Everything ``trainer.fit`` needs: model parts, module, data module, trainer (for ``task``)."""
     options = options or read_options(cfg)
@@ -176,6 +199,8 @@ def build_diffusion(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
     from multidiff.training.data import DiffusionDataModule
     from multidiff.training.module import DiffusionModule
 
+    if modality_names(cfg):
+        return build_modalities(cfg, run_dir, options)
     make = partial(safe_instantiate, trusted=trusted_prefixes(cfg), source="train config")
     parts = build_parts(cfg, source="train config")
     try:
@@ -204,6 +229,46 @@ def build_diffusion(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
     callbacks = build_callbacks(cfg, parts, options, run_dir, make, progress=trainer_kwargs.get("enable_progress_bar", True))
     logger = make(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
     return parts, module, datamodule, build_trainer(trainer_kwargs, run_dir, callbacks, logger)
+
+
+def build_modalities(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
+    """``task=diffusion`` of a model of several modalities (:mod:`multidiff.multimodal`): one
+    backbone and text encoder, each modality's adapter, schedule, training noise density, dataset
+    and batch, batches drawn per modality by weight (:class:`MixtureDataModule`), previews per
+    modality. Returns the parts of the first modality (the one holding the shared denoiser) first."""
+    from multidiff.pipeline import ModelLoadError, build_modality_parts
+    from multidiff.training.data import MixtureDataModule
+    from multidiff.training.module import DiffusionModule
+
+    make = partial(safe_instantiate, trusted=trusted_prefixes(cfg), source="train config")
+    try:
+        parts = build_modality_parts(cfg, source="train config")
+    except ModelLoadError as e:
+        raise ConfigError(str(e)) from None
+    names = list(parts)
+    entries = {n: entry_config(cfg, n) for n in names}
+    first = parts[names[0]]
+    first.denoiser.backbone.prepare_training()
+    datamodule = MixtureDataModule(
+        [partial(make, entries[n].data.dataset, adapter=parts[n].adapter) for n in names],
+        batch_sizes=[int(entries[n].data.batch_size) for n in names], weights=modality_weights(cfg),
+        num_workers=int(entries[names[0]].data.get("num_workers", 0)), seed=cfg.seed,
+    )
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_kwargs.get("strategy") in ("ddp", "ddp_spawn"):
+        # a step trains one modality: the other modalities' patch layers get no gradient, which DDP
+        # must be told to expect (it then finds them each step)
+        trainer_kwargs["strategy"] += "_find_unused_parameters_true"
+    module = DiffusionModule(
+        first.denoiser, [make(entries[n].diffusion.noise) for n in names], first.conditioner,
+        make(cfg.optimizer, lr=float(cfg.optimizer.lr)),
+        make(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+        cond_dropout=cfg.conditioning.dropout, training=options, config=OmegaConf.to_container(cfg, resolve=True),
+        seed=cfg.seed,
+    )
+    callbacks = build_callbacks(cfg, parts, options, run_dir, make, progress=trainer_kwargs.get("enable_progress_bar", True))
+    logger = make(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
+    return first, module, datamodule, build_trainer(trainer_kwargs, run_dir, callbacks, logger)
 
 
 def extend_model(backbone, source: str) -> None:
@@ -263,6 +328,7 @@ def build_callbacks(cfg: DictConfig, parts, options: TrainingOptions, run_dir: P
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from multidiff.training.callbacks import StepProgressBar
+    from multidiff.training.faults import GracefulStop, LastCheckpoint, NonFiniteGuard, SignalAtStep
 
     every = cfg.callbacks.checkpoint.every_n_steps if "checkpoint" in cfg.callbacks else 0
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -273,13 +339,17 @@ def build_callbacks(cfg: DictConfig, parts, options: TrainingOptions, run_dir: P
     # A recipe may tune previews (callbacks.samples.every_n_steps) that callbacks=none switched off:
     # without a _target_ there is no callback to tune, so there are no previews.
     if samples_cfg is not None and samples_cfg.get("_target_"):
-        cb = make(samples_cfg)
-        try:  # a preview grid the schedule cannot give would only fail at the first preview, mid-training
-            parts.schedule.sigmas(cb.steps)
-        except ValueError as e:
-            raise ConfigError(f"callbacks.samples.steps={cb.steps!r} is invalid: {e}") from None
-        callbacks.append(cb.bind(adapter=parts.adapter, schedule=parts.schedule, sampler=make(cfg.sampler.fn),
-                                 run_dir=run_dir))
+        # a model of several modalities ({name: parts}): previews of each, with its own prompts
+        each = parts if isinstance(parts, dict) else {None: parts}
+        for name, part in each.items():
+            prompts = {} if name is None else {"prompts": list(entry_config(cfg, name).get("preview_prompts") or [])}
+            cb = make(samples_cfg, **prompts)
+            try:  # a preview grid the schedule cannot give would only fail at the first preview, mid-training
+                part.schedule.sigmas(cb.steps)
+            except ValueError as e:
+                raise ConfigError(f"callbacks.samples.steps={cb.steps!r} is invalid: {e}") from None
+            callbacks.append(cb.bind(adapter=part.adapter, schedule=part.schedule, sampler=make(cfg.sampler.fn),
+                                     run_dir=run_dir, modality=part.modality, name=name))
     keep = cfg.callbacks.checkpoint.get("keep_last", 1) if "checkpoint" in cfg.callbacks else 1
     callbacks.append(ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="step_{step:07d}", auto_insert_metric_name=False,
@@ -294,6 +364,9 @@ def build_callbacks(cfg: DictConfig, parts, options: TrainingOptions, run_dir: P
 def build_trainer(trainer_kwargs: dict, run_dir: Path, callbacks: list, logger):
     """The Lightning Trainer of ``trainer.*``, with one paragraph for settings it refuses."""
     import lightning as L
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from multidiff.training.faults import AtomicCheckpointIO
 
     try:
         return L.Trainer(
@@ -320,7 +393,10 @@ def batch_plan(cfg: DictConfig, trainer_kwargs: dict) -> dict:
 
         n_dev = max(1, torch.cuda.device_count())
     world = n_dev * int(trainer_kwargs.get("num_nodes", 1))
-    global_batch = cfg.data.batch_size * world * int(trainer_kwargs.get("accumulate_grad_batches", 1))
+    batch = cfg.data.batch_size if "data" in cfg else None
+    if batch is None:  # a model of several modalities: each its own batch (lr_scaling is refused there)
+        return {"world_size": world, "global_batch": None, "lr": float(cfg.optimizer.lr)}
+    global_batch = batch * world * int(trainer_kwargs.get("accumulate_grad_batches", 1))
     options = read_options(cfg)
     base = options.base_batch_size or global_batch
     factor = {"none": 1.0, "linear": global_batch / base, "sqrt": (global_batch / base) ** 0.5}[options.lr_scaling]
@@ -419,14 +495,17 @@ def run(cfg: DictConfig) -> Path:
 
 
 def _train(cfg: DictConfig, run_dir: Path, options: TrainingOptions) -> Path:
-    import lightning as L
-
-    from multidiff.pipeline import export_model
-
     cfg.run_dir = str(run_dir)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path = find_resume_checkpoint(cfg, run_dir)
     resume_state = read_resume_checkpoint(ckpt_path) if ckpt_path else None  # a bad file costs no model load
+    # Lightning (and what it pulls in) takes seconds to import: only after the checks above
+    import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from multidiff.pipeline import export_model
+    from multidiff.training.faults import LastCheckpoint, NonFiniteLossError, save_full_checkpoint
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     parts, module, datamodule, trainer = build(cfg, run_dir, options)
     if ckpt_path:  # before config.yaml is rewritten: a refused checkpoint's run keeps its config
         check_resume_matches(ckpt_path, resume_state, module)
@@ -436,10 +515,14 @@ def _train(cfg: DictConfig, run_dir: Path, options: TrainingOptions) -> Path:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     if trainer.is_global_zero:
         plan = batch_plan(cfg, OmegaConf.to_container(cfg.trainer, resolve=True))
-        log.info("global batch %d (%d per device x %d processes x %d accumulation), lr %.3g%s",
-                 plan["global_batch"], cfg.data.batch_size, plan["world_size"],
-                 cfg.trainer.get("accumulate_grad_batches", 1), plan["lr"],
-                 f"; resuming from {ckpt_path}" if ckpt_path else "")
+        if plan["global_batch"] is None:
+            log.info("modalities %s, batches of one at a time, lr %.3g%s", ", ".join(modality_names(cfg)), plan["lr"],
+                     f"; resuming from {ckpt_path}" if ckpt_path else "")
+        else:
+            log.info("global batch %d (%d per device x %d processes x %d accumulation), lr %.3g%s",
+                     plan["global_batch"], cfg.data.batch_size, plan["world_size"],
+                     cfg.trainer.get("accumulate_grad_batches", 1), plan["lr"],
+                     f"; resuming from {ckpt_path}" if ckpt_path else "")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:

@@ -20,6 +20,9 @@ class Cond:
         concat: ``(B, K, *dims)`` channels concatenated to the backbone's input (a mask-conditioned
             model's mask and known values, see :mod:`multidiff.core.editing`); they describe the
             input, not the prompt, so guidance gives both branches the same ones.
+        modality: ``(B,)`` int64, which modality of a model of several the batch is (an index into
+            its list, see :class:`~multidiff.backbones.dit.DiT`); also a description of the input,
+            handled like ``concat``.
     """
 
     tokens: Tensor | None = None
@@ -27,6 +30,7 @@ class Cond:
     pooled: Tensor | None = None
     labels: Tensor | None = None
     concat: Tensor | None = None
+    modality: Tensor | None = None
 
     def _tensors(self):
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -67,7 +71,7 @@ class Cond:
     def where(keep: Tensor, cond: Cond, null: Cond) -> Cond:
         """Per-sample choice: ``cond`` where ``keep`` (``(B,)`` bool) is True, else ``null`` (broadcast).
 
-        Fields ``null`` does not have (``concat``: the input, not the prompt) are kept as they are."""
+        Fields ``null`` does not have (:data:`INPUT_FIELDS`: the input, not the prompt) are kept as they are."""
         out = {}
         nulls = null._tensors()
         for k, v in cond._tensors().items():
@@ -78,3 +82,16 @@ class Cond:
             m = keep.reshape((-1,) + (1,) * (v.ndim - 1))
             out[k] = torch.where(m, v, n)
         return Cond(**out)
+
+
+INPUT_FIELDS = ("concat", "modality")
+"""Fields of a :class:`Cond` that describe the input rather than the prompt: guidance gives the
+unconditional branch the conditional one's, condition dropout keeps them."""
+
+
+def with_input(cond: Cond | None, **fields) -> Cond:
+    """``cond`` with input fields (:data:`INPUT_FIELDS`) set; ``None`` becomes a new :class:`Cond`."""
+    unknown = set(fields) - set(INPUT_FIELDS)
+    if unknown:
+        raise ValueError(f"with_input sets only {', '.join(INPUT_FIELDS)}, not {', '.join(sorted(unknown))}")
+    return Cond(**fields) if cond is None else replace(cond, **fields)

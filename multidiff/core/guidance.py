@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from multidiff.core.cond import Cond
+from multidiff.core.cond import INPUT_FIELDS, Cond
 from multidiff.core.noise import append_dims
 
 DenoiserFn = Callable[..., Tensor]
@@ -50,8 +50,10 @@ class CFGDenoiser:
         if self._paired is not None and self._paired[0] is cond and self._paired[1] == b:
             return self._paired[2]
         uncond = self.uncond if len(self.uncond) == b else self.uncond.map(lambda t: t.expand(b, *t.shape[1:]))
-        if cond is not None and cond.concat is not None and uncond.concat is None:
-            uncond = replace(uncond, concat=cond.concat)  # the input channels, not the prompt: both branches see them
+        if cond is not None:  # the input's description (mask channels, modality), not the prompt: both branches get it
+            given = {k: getattr(cond, k) for k in INPUT_FIELDS if getattr(cond, k) is not None and getattr(uncond, k) is None}
+            if given:
+                uncond = replace(uncond, **given)
         paired = Cond.cat([cond, uncond])
         self._paired = (cond, b, paired)
         return paired

@@ -150,15 +150,25 @@ class LogNormalSigma:
 class LogitNormalFlowSigma:
     """Flow-matching density (SD3): ``t = sigmoid(N(mean, std^2))``, returned as ``sigma = t / (1 - t)``.
 
-    ``t`` is clipped to ``[t_min, t_max]`` so that ``sigma`` stays finite.
+    ``shift`` moves the times towards high noise as :class:`~multidiff.core.schedules.FlowSchedule`'s
+    sampling grid does (``t' = shift t / (1 + (shift - 1) t)``; SD3 trains and samples with the same
+    shift), so that items whose content stays visible far into the noise (a long clip, a large image)
+    train where they are generated. ``t`` is clipped to ``[t_min, t_max]`` after the shift, so
+    ``sigma`` stays finite.
     """
 
-    def __init__(self, mean: float = 0.0, std: float = 1.0, t_min: float = 1e-4, t_max: float = 0.999) -> None:
-        self.mean, self.std, self.t_min, self.t_max = mean, std, t_min, t_max
+    def __init__(self, mean: float = 0.0, std: float = 1.0, t_min: float = 1e-4, t_max: float = 0.999,
+                 shift: float = 1.0) -> None:
+        if not shift > 0:
+            raise ValueError(f"shift={shift!r} is invalid: it must be a positive number (1: no shift)")
+        self.mean, self.std, self.t_min, self.t_max, self.shift = mean, std, t_min, t_max, float(shift)
 
     def sample(self, batch: int, *, device="cpu", generator: torch.Generator | None = None) -> Tensor:
         z = torch.randn(batch, generator=generator, device=device, dtype=torch.float32)
-        t = torch.sigmoid(self.mean + self.std * z).clamp(self.t_min, self.t_max)
+        t = torch.sigmoid(self.mean + self.std * z)
+        if self.shift != 1.0:
+            t = self.shift * t / (1 + (self.shift - 1) * t)
+        t = t.clamp(self.t_min, self.t_max)
         return t / (1 - t)
 
 

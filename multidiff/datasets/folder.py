@@ -150,6 +150,10 @@ class CaptionFolder(Dataset):
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stack model tensors (``x`` data, or ``z`` cached latents); keep captions as a list of strings."""
+    """Stack model tensors (``x`` data, or ``z`` cached latents); keep captions as a list of strings;
+    the source index of a batch of one modality of several (``modality``), when the items have one."""
     key = "z" if "z" in batch[0] else "x"
-    return {key: torch.stack([b[key] for b in batch]), "text": [b["text"] for b in batch]}
+    out = {key: torch.stack([b[key] for b in batch]), "text": [b["text"] for b in batch]}
+    if "modality" in batch[0]:
+        out["modality"] = batch[0]["modality"]
+    return out

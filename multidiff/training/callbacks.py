@@ -47,10 +47,15 @@ class SamplePreviews(L.Callback):
         self.prompts, self.every_n_steps, self.num_per_prompt = list(prompts), every_n_steps, num_per_prompt
         self.steps, self.guidance_scale, self.seed, self.at_end = steps, guidance_scale, seed, at_end
         self.adapter = self.schedule = self.sampler = self.run_dir = None
+        self.modality, self.name = None, None
         self._last_step = -1
 
-    def bind(self, *, adapter, schedule, sampler, run_dir: str | Path) -> SamplePreviews:
+    def bind(self, *, adapter, schedule, sampler, run_dir: str | Path, modality: int | None = None,
+             name: str | None = None) -> SamplePreviews:
+        """Give the callback its parts. ``modality``/``name``: the index and name of one modality of a
+        model of several (its previews are ``step_NNNNNN_<name>``)."""
         self.adapter, self.schedule, self.sampler, self.run_dir = adapter, schedule, sampler, Path(run_dir)
+        self.modality, self.name = modality, name
         self.check_bound()
         return self
 
@@ -90,9 +95,10 @@ class SamplePreviews(L.Callback):
             pl_module.ema, pl_module.conditioner, flat, seeds,
             data_shape if stage is None else stage.latent_shape(data_shape), self.sampler,
             self.schedule.sigmas(self.steps), guidance_scale=self.guidance_scale, device=pl_module.device,
+            modality=self.modality,
         )
         raws = [raw.cpu() for raw in decode_samples(stage, self.adapter, z, data_shape)]
-        stem = self.run_dir / "samples" / f"step_{trainer.global_step:06d}"
+        stem = self.run_dir / "samples" / f"step_{trainer.global_step:06d}{'_' + self.name if self.name else ''}"
         out, grid = self.adapter.write_previews(raws, stem, nrow=self.num_per_prompt * 2)
         for logger in trainer.loggers:
             self.adapter.log_preview(logger, grid, trainer.global_step)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from multidiff.datasets.folder import collate
 
@@ -91,3 +91,101 @@ class DiffusionDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate,
         )
+
+
+class MixtureBatchSampler(Sampler[list[int]]):
+    """Batches of several datasets laid end to end (a ``ConcatDataset`` of sizes ``sizes``), every
+    batch from one of them: for a model of several modalities, whose items differ in shape.
+
+    Each global batch's source is drawn with probabilities ``weights`` (``batch_sizes[i] * world``
+    items of source ``i``, from a per-source permutation; a source that runs out starts a new
+    permutation). An epoch is ``sum(len_i / global_batch_i)`` batches, so with weights in
+    proportion to the sources' batch counts every item is seen about once per epoch. Everything
+    is drawn from ``(seed, epoch)``, so resuming part-way into an epoch (``position()``, as
+    :class:`ResumableBatchSampler`) gives exactly the batches an uninterrupted run sees, and every
+    rank draws the same sequence and keeps its rows ``rank::world``.
+    """
+
+    def __init__(self, sizes: list[int], batch_sizes: list[int], weights: list[float], *, seed: int,
+                 rank: int = 0, world_size: int = 1, position=None) -> None:
+        if not (len(sizes) == len(batch_sizes) == len(weights)) or not sizes:
+            raise ValueError("sizes, batch_sizes and weights need one entry per source")
+        for i, (n, b) in enumerate(zip(sizes, batch_sizes)):
+            if weights[i] > 0 and n < b * world_size:
+                raise ValueError(f"source {i} has {n} items, fewer than one global batch ({b} x {world_size} processes)")
+        self.sizes, self.batch_sizes, self.weights = list(sizes), list(batch_sizes), torch.tensor(weights, dtype=torch.float64)
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.position = position or (lambda: (0, 0))
+        self.num_batches = max(1, sum(n // (b * world_size) for n, b, w in zip(sizes, batch_sizes, weights) if w > 0))
+
+    def _global_batches(self, epoch: int) -> list[tuple[int, list[int]]]:
+        """``(source, global indices)`` of every batch of ``epoch``."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        sources = torch.multinomial(self.weights, self.num_batches, replacement=True, generator=g).tolist()
+        orders: list[list[int]] = [[] for _ in self.sizes]
+        batches = []
+        for s in sources:
+            size = self.batch_sizes[s] * self.world_size
+            while len(orders[s]) < size:  # this source's next permutation (seeded by the generator's state)
+                orders[s] += torch.randperm(self.sizes[s], generator=g).tolist()
+            picked, orders[s] = orders[s][:size], orders[s][size:]
+            batches.append((s, [self.offsets[s] + i for i in picked]))
+        return batches
+
+    def sources(self, epoch: int) -> list[int]:
+        """The source of every batch of ``epoch``, in order."""
+        return [s for s, _ in self._global_batches(epoch)]
+
+    def __iter__(self):
+        epoch, skip = self.position()
+        for _, batch in self._global_batches(epoch)[skip:]:
+            yield batch[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+class _Tagged(Dataset):
+    """A dataset whose items also say which source they come from (``item["modality"]``)."""
+
+    def __init__(self, dataset: Dataset, index: int) -> None:
+        self.dataset, self.index = dataset, index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return {**self.dataset[i], "modality": self.index}
+
+
+class MixtureDataModule(DiffusionDataModule):
+    """Several datasets (one per modality of a model of several), each batch from one of them
+    (:class:`MixtureBatchSampler`), with ``batch["modality"]`` its index.
+
+    ``dataset_factories``, ``batch_sizes`` (per device) and ``weights``: one per source, in the
+    model's modality order.
+    """
+
+    def __init__(self, dataset_factories: list, *, batch_sizes: list[int], weights: list[float],
+                 num_workers: int = 0, seed: int = 0, prepare=None) -> None:
+        super().__init__(None, batch_size=batch_sizes[0], num_workers=num_workers, seed=seed, prepare=prepare)
+        self.dataset_factories, self.batch_sizes, self.weights = dataset_factories, list(batch_sizes), list(weights)
+        self.datasets: list[Dataset] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets is None:
+            datasets = [factory() for factory in self.dataset_factories]
+            if self.prepare is not None:
+                device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+                datasets = [self.prepare(d, device=device) for d in datasets]
+            self.datasets = [_Tagged(d, i) for i, d in enumerate(datasets)]
+            self.dataset = ConcatDataset(self.datasets)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = MixtureBatchSampler([len(d) for d in self.datasets], self.batch_sizes, self.weights, seed=self.seed,
+                                      rank=rank, world_size=world, position=self._position)
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers, persistent_workers=False,
+                          pin_memory=torch.cuda.is_available(), collate_fn=collate)

@@ -1,4 +1,5 @@
-"""The one LightningModule. It knows nothing of modalities: tensors, captions and a denoiser."""
+"""The one LightningModule. It knows no media types: tensors, captions, a denoiser (and, for a model of
+several modalities, the index of the one a batch holds)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from multidiff.core.cond import Cond
+from multidiff.core.cond import Cond, with_input
 from multidiff.core.denoiser import Denoiser
 from multidiff.core.editing import mask_channels, with_concat
 from multidiff.performance import apply_performance_options
@@ -24,7 +25,10 @@ class DiffusionModule(L.LightningModule):
 
     Args:
         denoiser: a :class:`Denoiser` (backbone + parameterization).
-        noise: a training noise density with ``sample(B, device=...) -> sigma (B,)``.
+        noise: a training noise density with ``sample(B, device=...) -> sigma (B,)``; for a model of
+            several modalities a list of them, one per modality: a batch of modality ``i``
+            (``batch["modality"] == i``, see :class:`MixtureDataModule`) draws from ``noise[i]`` and
+            tells the backbone which modality it is through ``cond.modality``.
         conditioner: frozen; ``encode(texts) -> Cond`` and ``null(B)``. Not saved in checkpoints.
         optimizer: ``partial(torch.optim.X, lr=...)`` taking the parameters.
         lr_scheduler: optional ``partial`` taking the optimizer (stepped every optimizer step).
@@ -126,7 +130,11 @@ class DiffusionModule(L.LightningModule):
             cond = Cond.where(keep, cond, self.conditioner.null()) if self.cond_dropout > 0 else cond
             if self.mask_sampler is not None:
                 cond = with_concat(cond, self._editing_channels(x0, rng, world, rank))
-        sigma = self.noise.sample(b * world, device=x0.device, generator=rng)[rank::world]  # float32
+        modality = batch.get("modality")
+        if modality is not None:  # one modality of several: its own noise levels, and the backbone is told which
+            cond = with_input(cond, modality=torch.full((b,), int(modality), dtype=torch.long, device=x0.device))
+        density = self.noise if modality is None else self.noise[int(modality)]
+        sigma = density.sample(b * world, device=x0.device, generator=rng)[rank::world]  # float32
         shape = (b * world, *x0.shape[1:])
         prior = self.denoiser.noise_prior
         if prior is None:

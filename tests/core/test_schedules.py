@@ -283,3 +283,19 @@ def test_every_schedule_states_its_step_limit_and_refuses_more(schedule, limit):
         for steps in (limit + 1, 100_000):
             with pytest.raises(ValueError, match=f"use steps <= {limit}"):
                 schedule.sigmas(steps)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_logit_normal_flow_density_is_shifted_like_the_sampling_grid(shift):
+    """The training times get the grid's shift: the median time t = 1/2 moves to shift / (1 + shift),
+    i.e. a median sigma of ``shift``; and the grid's own midpoint maps the same way."""
+    from multidiff.core.noise import LogitNormalFlowSigma
+    from multidiff.core.schedules import FlowSchedule
+
+    sigma = LogitNormalFlowSigma(shift=shift).sample(40_000, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(sigma).all() and sigma.min() > 0
+    assert abs(sigma.median().item() / shift - 1) < 0.03
+    grid = FlowSchedule(shift=shift, t_max=1.0 - 1e-9).sigmas(2)  # t = 1, 1/2, 0 before the shift
+    assert grid[1].item() == pytest.approx(shift, rel=1e-5)
+    with pytest.raises(ValueError, match="shift=0"):
+        LogitNormalFlowSigma(shift=0)
