@@ -63,9 +63,14 @@ def check_modalities(cfg: DictConfig) -> list[str]:
     return names
 
 
-def select(cfg: DictConfig, name: str | None) -> str:
-    """The entry ``name`` of a multimodal config (``None``: refused, naming the choices)."""
+def select(cfg: DictConfig, name: str | None, source: str = "this model") -> str | None:
+    """The entry ``name`` of a multimodal config; ``None`` for a one-modality config asked for none.
+    A missing or unknown name (or any name for a one-modality config) is refused, naming the choices."""
     names = modality_names(cfg)
+    if not names:
+        if name is not None:
+            raise ModalityError(f"modality={name}: {source} is a model of one modality; leave modality= out")
+        return None
     if name is None:
         raise ModalityError(f"this model generates {', '.join(names)}: choose one with modality=NAME "
                             f"(e.g. modality={names[0]})")

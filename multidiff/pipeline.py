@@ -110,11 +110,11 @@ def build_parts(cfg: DictConfig, *, source: str = "config", conditioner=None, tr
     file from elsewhere). A model of several modalities (``cfg.modalities``) gives the parts of
     ``modality`` (see :func:`build_modality_parts`).
     """
-    if modality_names(cfg):
-        try:
-            name = select(cfg, modality)
-        except ModalityError as e:
-            raise ModelLoadError(str(e)) from None
+    try:
+        name = select(cfg, modality, source)
+    except ModalityError as e:
+        raise ModelLoadError(str(e)) from None
+    if name is not None:
         return build_modality_parts(cfg, source=source, conditioner=conditioner, trusted=trusted)[name]
     trusted = trusted_prefixes(cfg) if trusted is None else tuple(trusted)
     make = lambda node, **kw: safe_instantiate(node, trusted=trusted, source=source, **kw)  # noqa: E731
@@ -308,8 +308,6 @@ class Pipeline:
         ``compile_options`` (see :func:`multidiff.performance.apply_performance_options`)."""
         path = Path(path)
         cfg, load_weights, stage_dir = _read_model(path)
-        if modality is not None and not modality_names(cfg):
-            raise ModelLoadError(f"modality={modality}: {path} is a model of one modality; leave modality= out")
         parts = build_parts(cfg, source=str(path), trusted=trusted_targets, stage_dir=stage_dir, modality=modality)
         load_weights(parts)
         return cls(parts, config=cfg, source=str(path), device=device, **performance)

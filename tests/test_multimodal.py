@@ -182,3 +182,15 @@ def test_resume_after_a_signal_on_two_processes_is_exact(mm_run, tmp_path, data_
     assert a["global_step"] == b["global_step"] == 4
     worst = max((a["state_dict"][k].float() - v.float()).abs().max().item() for k, v in b["state_dict"].items())
     assert worst <= 1e-5, worst
+
+
+def test_a_one_modality_model_refuses_a_modality_with_one_paragraph(tiny_run, tmp_path):
+    import multidiff
+    from multidiff.pipeline import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"modality=audio: .*model is a model of one modality; leave modality= out"):
+        multidiff.load(tiny_run / "model", modality="audio")
+    proc = multidiff_cli("generate", f"model={tiny_run / 'model'}", "modality=audio", "prompt=x",
+                         f"out={tmp_path / 'o'}", check=False)
+    assert proc.returncode == 2 and "is a model of one modality; leave modality= out" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()

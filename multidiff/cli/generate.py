@@ -112,18 +112,15 @@ def model_adapter(cfg: DictConfig):
 def adapter_of(model: str, trusted_targets=(), modality: str | None = None):
     """The adapter of the model at ``model`` (an export or a checkpoint), from its config alone;
     ``modality``: which one of a model of several (refused, listing them, when missing or unknown)."""
-    from multidiff.multimodal import ModalityError, modality_names, select
+    from multidiff.multimodal import ModalityError, select
     from multidiff.pipeline import read_model_config
 
     cfg = read_model_config(model)
-    if not modality_names(cfg):
-        if modality is not None:
-            raise ConfigError(f"modality={modality}: {model} is a model of one modality; leave modality= out")
-        return safe_instantiate(cfg.modality, trusted=list(trusted_targets), source=model)
     try:
-        node = cfg.modalities[select(cfg, modality)].modality
+        name = select(cfg, modality, model)
     except ModalityError as e:
         raise ConfigError(str(e)) from None
+    node = cfg.modality if name is None else cfg.modalities[name].modality
     return safe_instantiate(node, trusted=list(trusted_targets), source=model)
 
 

@@ -180,8 +180,9 @@ def _preflight_modalities(cfg: DictConfig, options: TrainingOptions, trusted) ->
             raise ConfigError(f"modalities.{name} has no data: give it a dataset (e.g. /data@modalities.{name}.data: "
                               "digits in the recipe's defaults list)")
         batch = entry.data.get("batch_size")
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ConfigError(f"modalities.{name}.data.batch_size={batch!r} is invalid: it must be a positive integer")
+        _, _, ok, what, _ = next(row for row in GROUP_KEYS if row[0] == "data.batch_size")
+        if not ok(batch):
+            raise ConfigError(f"modalities.{name}.data.batch_size={batch!r} is invalid: it must be {what}")
         check_config(entry.data.dataset, trusted=trusted, source=f"train config (modalities.{name})", adapter=adapter)
 
 
