@@ -178,7 +178,8 @@ def generate(pipe, specs: list[NoteSpec], *, template: int, steps: int, guidance
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/audio_notes/model")
-    ap.add_argument("--train", action="store_true", help="train recipe=audio_notes into the model's run dir first")
+    ap.add_argument("--train", action="store_true", help="train --recipe into the model's run dir first")
+    ap.add_argument("--recipe", default="audio_notes", help="the recipe --train trains (e.g. audio_notes_dit)")
     ap.add_argument("--train-args", default="", help="extra overrides for the training run (space separated)")
     ap.add_argument("--per-prompt", type=int, default=2, help="samples per (family, note) prompt")
     ap.add_argument("--guidance", type=float, default=4.0)
@@ -196,7 +197,7 @@ def main() -> None:
     if args.train:
         run_dir = model.parent
         t0 = time.time()
-        subprocess.run([sys.executable, "-m", "multidiff.cli.main", "train", "recipe=audio_notes", f"run_dir={run_dir}",
+        subprocess.run([sys.executable, "-m", "multidiff.cli.main", "train", f"recipe={args.recipe}", f"run_dir={run_dir}",
                         "+trainer.enable_progress_bar=false", *args.train_args.split()], check=True)
         seconds = time.time() - t0
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--per-digit", type=int, default=50, help="samples per digit for the main row")
     ap.add_argument("--per-digit-extra", type=int, default=20, help="samples per digit for the other rows")
     ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--steps-extra", default="5,10,50", help="other step counts of dpmpp_2m at the main guidance")
     ap.add_argument("--guidance-extra", default="1.0,4.0", help="other guidance scales at 20 steps")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--samplers", default="ddim,euler,heun,dpmpp_3m", help="extra samplers at 20 steps")
@@ -126,9 +127,12 @@ def main() -> None:
     ap.add_argument("--recipe", default="image_digits", help="the recipe --train trains")
     ap.add_argument("--autoencoder-recipe", default=None, help="train this autoencoder recipe first (latent recipes)")
     ap.add_argument("--ae-name", default="autoencoder_digits_recipe", help="results file of the autoencoder's measures")
+    ap.add_argument("--train-args", default="", help="extra overrides for --train, space separated (e.g. diffusion=v_cosine)")
     args = ap.parse_args()
 
     extra = {"recipe": args.recipe}
+    if args.train_args:
+        extra["train_args"] = args.train_args
     model = Path(args.model)
     ae_model = model.parent.parent / "AE" / "model"
     if args.train:
@@ -138,7 +142,7 @@ def main() -> None:
             ae_minutes = train(args.autoencoder_recipe, ae_model.parent)
             extra_args = [f"autoencoder.path={ae_model}"]
             extra["autoencoder_minutes"] = ae_minutes
-        extra["diffusion_minutes"] = train(args.recipe, run_dir, *extra_args)
+        extra["diffusion_minutes"] = train(args.recipe, run_dir, *extra_args, *args.train_args.split())
         extra["train_minutes"] = round(extra["diffusion_minutes"] + extra.get("autoencoder_minutes", 0), 2)
 
     import multidiff
@@ -158,7 +162,8 @@ def main() -> None:
                   "real_test_accuracy": judge.real_accuracy, "real_saturated": judge.real_stats["saturated"],
                   "real_total_variation": judge.real_stats["total_variation"]})
     g = args.guidance
-    runs = [("dpmpp_2m", 20, args.per_digit, g)] + [("dpmpp_2m", s, args.per_digit_extra, g) for s in (5, 10, 50)]
+    runs = [("dpmpp_2m", 20, args.per_digit, g)]
+    runs += [("dpmpp_2m", int(s), args.per_digit_extra, g) for s in args.steps_extra.split(",") if s]
     runs += [("dpmpp_2m", 20, args.per_digit_extra, float(x)) for x in args.guidance_extra.split(",") if x]
     runs += [(s, 20, args.per_digit_extra, g) for s in args.samplers.split(",") if s]
     rows = []

@@ -3,6 +3,7 @@
     python benchmarks/scaling.py                          # all three axes below
     python benchmarks/scaling.py --axis video             # video frames 8, 16, 32 (writes video_cost too)
     python benchmarks/scaling.py --axis image --values 16 32 --batch 16 --overrides backbone=unet2d_tiny
+    python benchmarks/scaling.py --axis image --recipe image_digits_dit --name scaling_image_dit
 
 Axes (each doubling the data per sample, with the recipe's own backbone and batch size):
 
@@ -61,13 +62,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def worker(axis: str, value: int, mode: str, batch: int | None, repeats: int, overrides: list[str]) -> dict:
+def worker(axis: str, value: int, mode: str, batch: int | None, repeats: int, overrides: list[str],
+           recipe: str | None = None) -> dict:
     """One measurement in this process: seconds per step and peak memory (MB) of ``mode``."""
     from multidiff.cli.compose import compose
     from multidiff.core.guidance import CFGDenoiser
     from multidiff.pipeline import build_parts
 
-    recipe, key, _, _, prompt = AXES[axis]
+    default_recipe, key, _, _, prompt = AXES[axis]
+    recipe = recipe or default_recipe
     cfg = compose("train", [f"recipe={recipe}", f"{key}={value}", *overrides])
     batch = batch or int(cfg.data.batch_size)
     parts = build_parts(cfg)
@@ -131,7 +134,9 @@ def exponent(xs: list[float], ys: list[float]) -> float:
 
 
 def measure_axis(axis: str, values: list[int], args) -> list[dict]:
-    recipe, key, _, unit, _ = AXES[axis]
+    """Rows of train/sample seconds and peak memory per value of ``axis`` (``args``: repeats, batch,
+    overrides and recipe as on the command line; recipe None = the axis' own)."""
+    unit = AXES[axis][3]
     rows = []
     for value in values:
         row = {"axis": axis, "value": value, "unit": unit}
@@ -140,6 +145,8 @@ def measure_axis(axis: str, values: list[int], args) -> list[dict]:
             cmd = [sys.executable, __file__, "--worker", axis, str(value), mode, "--repeats", str(args.repeats)]
             if args.batch:
                 cmd += ["--batch", str(args.batch)]
+            if args.recipe:
+                cmd += ["--recipe", args.recipe]
             cmd += ["--overrides", *args.overrides]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -164,21 +171,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help="clips/images per step (default: the recipe's data.batch_size)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--overrides", nargs="*", default=[], help="config overrides, e.g. backbone=unet3d_tiny")
+    ap.add_argument("--recipe", help="measure this recipe instead of the axis' own (e.g. image_digits_dit)")
+    ap.add_argument("--name", help="results name (one axis only; default scaling_<axis>)")
     ap.add_argument("--worker", nargs=3, metavar=("AXIS", "VALUE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         axis, value, mode = args.worker
-        print(json.dumps(worker(axis, int(value), mode, args.batch, args.repeats, args.overrides)))
+        print(json.dumps(worker(axis, int(value), mode, args.batch, args.repeats, args.overrides, args.recipe)))
         return
     axes = list(AXES) if args.axis == "all" else [args.axis]
-    if args.values and len(axes) > 1:
-        ap.error("--values needs one --axis")
+    if (args.values or args.name) and len(axes) > 1:
+        ap.error("--values and --name need one --axis")
 
     cols = ["value", "unit", "shape", "batch", "params", "train_s_per_step", "train_time_x", "train_peak_mb",
             "train_mem_x", "sample_s_per_step", "sample_time_x", "sample_peak_mb", "sample_mem_x"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for axis in axes:
-        recipe, key, defaults, _, _ = AXES[axis]
+        default_recipe, key, defaults, _, _ = AXES[axis]
+        recipe = args.recipe or default_recipe
         rows = measure_axis(axis, args.values or defaults, args)
         extra = {"axis": f"{axis}: {key}", "overrides": " ".join([f"recipe={recipe}", *args.overrides]),
                  "device": device,
@@ -189,7 +199,10 @@ def main() -> None:
             xs = [r["value"] for r in rows]
             for k in ("train_s_per_step", "sample_s_per_step", "train_peak_mb", "sample_peak_mb"):
                 extra[f"exponent_{k}"] = round(exponent(xs, [max(r[k], 1e-9) for r in rows]), 2)
-        names = [f"scaling_{axis}"] + (["video_cost"] if axis == "video" else [])
+        if args.name:
+            names = [args.name]
+        else:
+            names = [f"scaling_{axis}"] + (["video_cost"] if axis == "video" and not args.recipe else [])
         for name in names:
             path = write_results(name, rows, cols, extra)
         print()

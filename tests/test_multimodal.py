@@ -125,6 +125,13 @@ def test_train_writes_previews_of_each_modality_and_one_export_holding_every_ada
     assert any(n.startswith("step_000004_image") and n.endswith(".png") for n in previews), previews
     assert any(n.startswith("step_000004_audio") for n in previews), previews
     assert any(n.startswith("step_000004_video") for n in previews), previews
+    # each modality's media in its own folder (two of them would otherwise share step_NNNNNN_prompts.tsv)
+    audio = mm_run / "samples" / "audio"
+    wavs = sorted(p.name for p in audio.glob("step_000004_*.wav"))
+    assert len(wavs) == 2 and (audio / "step_000004_prompts.tsv").read_text().count("\n") == 2, wavs
+    clips = (mm_run / "samples" / "video" / "step_000004" / "metadata.jsonl").read_text().splitlines()
+    assert len(clips) == 2 and "moving" in clips[0]
+    assert not list((mm_run / "samples").glob("*.wav")) and not (mm_run / "samples" / "step_000004").exists()
     import multidiff
     from multidiff.pipeline import modalities, read_model_config
 
@@ -162,6 +169,24 @@ def test_generate_picks_the_modality_and_refuses_an_unknown_one_with_the_list(mm
     proc = multidiff_cli("generate", model, "--help")
     assert "generates image, audio, video: choose one with modality=NAME" in proc.stdout
     assert "modality=audio (AudioAdapter)" in proc.stdout and "modality=video (VideoAdapter)" in proc.stdout
+
+
+def test_serve_offers_each_modality_of_the_model_as_its_own_entry(mm_run, tmp_path):
+    """The web app's service lists a model of several modalities once per modality and generates with
+    that modality's adapter; a request for the bare path is refused with the list."""
+    from multidiff.cli.compose import ConfigError
+    from multidiff.cli.service import GenerationService
+
+    model = str(mm_run / "model")
+    service = GenerationService([model], tmp_path)
+    assert service.models == [f"{model} [image]", f"{model} [audio]", f"{model} [video]"]
+    assert type(service.adapters[f"{model} [audio]"]).__name__ == "AudioAdapter"
+    result = service.generate(f"{model} [audio]", {"prompt": "a plucked string playing A4", "steps": 2,
+                                                         "options": {"duration": 0.5}})
+    assert [p.suffix for p in result.paths] == [".wav"] and abs(len(sf.read(result.paths[0])[0]) - 8000) < 1200
+    assert result.rows[0]["modality"] == "audio" and result.rows[0]["model"] == model
+    with pytest.raises(ConfigError, match=r"unknown model .*this server serves: .* \[image\]"):
+        service.check(model, {"prompt": "x"})
 
 
 def test_resume_after_a_signal_on_two_processes_is_exact(mm_run, tmp_path, data_root):

@@ -299,7 +299,8 @@ class AudioAdapter(Adapter):
         img = ((x - lo) / max(hi - lo, 1e-6)).clamp(0, 1).flip(0)
         return img[None].expand(3, -1, -1)
 
-    def log_media(self, logger, raws: list[Tensor], prompts: list[str], step: int, out_dir: str | Path) -> None:
+    def log_media(self, logger, raws: list[Tensor], prompts: list[str], step: int, out_dir: str | Path, *,
+                  prefix: str = "") -> None:
         """WAVs into ``out_dir/step_NNNNNN_KK.wav`` (+ the prompts) and audio to the logger.
 
         TensorBoard (``experiment.add_audio``) gets each clip; other loggers get the files only.
@@ -317,7 +318,7 @@ class AudioAdapter(Adapter):
         if hasattr(experiment, "add_audio"):
             for k, (raw, prompt) in enumerate(zip(raws, prompts)):
                 clip = raw.detach().float().reshape(1, -1).clamp(-1, 1).cpu()
-                experiment.add_audio(f"samples/{k:02d} {prompt}", clip, step, sample_rate=self.sample_rate)
+                experiment.add_audio(f"{prefix}samples/{k:02d} {prompt}", clip, step, sample_rate=self.sample_rate)
 
 
 def _check_settings(*, sample_rate, n_fft, hop_length, n_mels, f_min, f_max, log_floor, std, frames, crop) -> None:

@@ -163,16 +163,21 @@ class Adapter:
         save_image(grid, path)
         return path, grid
 
-    def log_preview(self, logger: object, grid: Tensor, step: int) -> None:
-        """Send a preview grid ``(3, H, W)`` to a Lightning logger that takes images (TensorBoard); others skip."""
+    def log_preview(self, logger: object, grid: Tensor, step: int, *, prefix: str = "") -> None:
+        """Send a preview grid ``(3, H, W)`` to a Lightning logger that takes images (TensorBoard); others skip.
+
+        ``prefix`` goes before the tag (a model of several modalities logs each under its name).
+        """
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_image"):
-            experiment.add_image("samples", grid, step)
+            experiment.add_image(f"{prefix}samples", grid, step)
 
-    def log_media(self, logger: object, raws: list[Tensor], prompts: list[str], step: int, out_dir: Path) -> None:
+    def log_media(self, logger: object, raws: list[Tensor], prompts: list[str], step: int, out_dir: Path, *,
+                  prefix: str = "") -> None:
         """Modality-specific media for the logger and ``out_dir`` (e.g. audio clips); none by default.
 
-        ``raws`` are decoded preview samples (one per prompt in ``prompts``), ``step`` the global step.
+        ``raws`` are decoded preview samples (one per prompt in ``prompts``), ``step`` the global step,
+        ``prefix`` goes before the logger's tags.
         """
 
     def generation_options(self) -> tuple[GenerationOption, ...]:

@@ -453,7 +453,8 @@ class VideoAdapter(Adapter):
         """The playback fps for :meth:`save`."""
         return {"fps": self.fps if fps is None else float(fps)}
 
-    def log_media(self, logger, raws: list[Tensor], prompts: list[str], step: int, out_dir: str | Path) -> None:
+    def log_media(self, logger, raws: list[Tensor], prompts: list[str], step: int, out_dir: str | Path, *,
+                  prefix: str = "") -> None:
         """Write the sample clips as GIFs to ``out_dir/step_NNNNNN/`` (with ``metadata.jsonl``) and, for
         TensorBoard, as animated images.
 
@@ -478,5 +479,5 @@ class VideoAdapter(Adapter):
         for k, raw in enumerate(raws):
             c, _, h, w = raw.shape
             image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif_bytes(raw, fps=self.fps))
-            values.append(Summary.Value(tag=f"videos/{k:02d}", image=image))
+            values.append(Summary.Value(tag=f"{prefix}videos/{k:02d}", image=image))
         get_writer().add_summary(Summary(value=values), step)

@@ -52,10 +52,17 @@ class GenerationService:
                  trusted_targets: Sequence[str] = ()) -> None:
         if not models:
             raise ConfigError("no model to serve: give model=RUN/model (or models=[A,B])")
-        self.models = [str(m) for m in models]
+        from multidiff.pipeline import modalities
+
+        # a model of several modalities is served as one entry per modality, "RUN/model [audio]"
+        self.sources: dict[str, tuple[str, str | None]] = {}
+        for m in (str(m) for m in models):
+            for name in modalities(m) or [None]:
+                self.sources[m if name is None else f"{m} [{name}]"] = (m, name)
+        self.models = list(self.sources)
         self.out = Path(out).resolve()
         self.limits, self.device, self.trusted = limits, device, list(trusted_targets)
-        self.adapters = {m: adapter_of(m, self.trusted) for m in self.models}
+        self.adapters = {key: adapter_of(m, self.trusted, name) for key, (m, name) in self.sources.items()}
         self.samplers = {name: _sampler_fn(name) for name in available("sampler")}
         self._pipes: dict[str, Any] = {}
         self._load_lock, self._save_lock = threading.Lock(), threading.Lock()
@@ -73,7 +80,7 @@ class GenerationService:
         if sampler not in self.samplers:
             raise ConfigError(f"unknown sampler '{sampler}'; valid choices: {', '.join(self.samplers)}")
         try:
-            opts = GenerateOptions.from_mapping({**values, "model": model, "out": str(self.out)})
+            opts = GenerateOptions.from_mapping({**values, "model": self.sources[model][0], "out": str(self.out)})
         except OptionError as e:
             raise ConfigError(with_own_keys(str(e))) from None
         read_prompts(opts)
@@ -113,7 +120,9 @@ class GenerationService:
 
         with self._load_lock:
             if model not in self._pipes:
-                self._pipes[model] = Pipeline.load(model, device=self.device, trusted_targets=self.trusted)
+                path, modality = self.sources[model]
+                self._pipes[model] = Pipeline.load(path, device=self.device, trusted_targets=self.trusted,
+                                                   modality=modality)
             return self._pipes[model]
 
     def generate(self, model: str, values: Mapping[str, Any], *,
@@ -132,7 +141,7 @@ class GenerationService:
                 **opts.options,
             )
             with self._save_lock:
-                paths = pipe.save(samples, self.out, append=True, model=model, format=opts.format)
+                paths = pipe.save(samples, self.out, append=True, model=self.sources[model][0], format=opts.format)
                 lines = (self.out / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
         except (GenerationError, ValueError) as e:
             raise ConfigError(with_own_keys(str(e))) from None

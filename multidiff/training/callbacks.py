@@ -100,9 +100,12 @@ class SamplePreviews(L.Callback):
         raws = [raw.cpu() for raw in decode_samples(stage, self.adapter, z, data_shape)]
         stem = self.run_dir / "samples" / f"step_{trainer.global_step:06d}{'_' + self.name if self.name else ''}"
         out, grid = self.adapter.write_previews(raws, stem, nrow=self.num_per_prompt * 2)
+        # a model of several modalities: each one's media in samples/<name>/ and its logger tags under <name>/
+        named = {"prefix": f"{self.name}/"} if self.name else {}
+        media_dir = self.run_dir / "samples" / (self.name or "")
         for logger in trainer.loggers:
-            self.adapter.log_preview(logger, grid, trainer.global_step)
-            self.adapter.log_media(logger, raws, flat, trainer.global_step, self.run_dir / "samples")
+            self.adapter.log_preview(logger, grid, trainer.global_step, **named)
+            self.adapter.log_media(logger, raws, flat, trainer.global_step, media_dir, **named)
         return out
 
 
