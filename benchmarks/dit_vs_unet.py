@@ -8,7 +8,7 @@ For each axis, the UNet recipe and its DiT twin are timed by ``benchmarks/scalin
 (one process per cell, median of ``--repeats`` steps after a warm-up, random weights) at the same batch
 (the DiT recipe's ``data.batch_size``, so a step is the same data for both), and the growth exponent
 ``k`` of ``seconds ~ value^k`` is fitted over the values. The quality columns are each recipe's own
-benchmark (``benchmarks/results/<recipe>_recipe.json``, written by the quality benchmarks with
+benchmark row (the one its ``# benchmark:`` header names, written by the quality benchmarks with
 ``--train``): training minutes and the bars of the issue, so the two are compared at their measured
 quality, not only per step. Writes benchmarks/results/dit_vs_unet.{json,md}.
 """
@@ -34,13 +34,17 @@ PAIRS = {
 
 
 def recipe_quality(recipe: str, keys: list[str]) -> dict:
-    """Training minutes and the quality measures of ``recipe``'s benchmark results (empty if none)."""
-    path = RESULTS / f"{recipe}_recipe.json"
+    """Training minutes and the quality measures of the row that ``recipe``'s ``# benchmark:`` header
+    names (the row ``multidiff recipes`` quotes; empty if the results are missing)."""
+    from multidiff.cli.help import recipe_file, recipe_info
+
+    name, *selectors = recipe_info(recipe_file(recipe))["benchmark"].split()
+    path = RESULTS / f"{name}.json"
     if not path.is_file():
         return {}
     info = json.loads(path.read_text())
-    row = next((r for r in info["rows"] if str(r.get("source", "generated")).startswith("generated")
-                and r.get("family", "all") == "all"), None)
+    wanted = dict(s.split("=", 1) for s in selectors)
+    row = next((r for r in info["rows"] if all(str(r.get(k)) == v for k, v in wanted.items())), None)
     out = {"train_minutes": info.get("train_minutes")}
     if row is not None:
         out["quality"] = ", ".join(f"{k} {row[k]:.3g}" for k in keys if k in row)
