@@ -103,3 +103,10 @@ class Served:
                 self.proc.kill()
                 self.proc.wait()
         return self.output()
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+    """Two state dicts with the same keys whose tensors differ by at most ``atol`` anywhere."""
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"max weight difference {worst}"

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, TINY, multidiff_cli
+from helpers import ROOT, TINY, assert_same_weights, multidiff_cli
 
 FAST = [o for o in TINY if not o.startswith(("trainer.max_steps", "callbacks.checkpoint"))] + [
     "callbacks.samples.every_n_steps=0", "callbacks.samples.at_end=false"]
@@ -33,12 +33,6 @@ def logged_steps(run_dir):
     """The ``step`` column of RUN/logs/metrics.csv, in file order."""
     with open(run_dir / "logs" / "metrics.csv", newline="") as f:
         return [int(r["step"]) for r in csv.DictReader(f)]
-
-
-def assert_same_weights(a, b, atol=1e-6):
-    assert a.keys() == b.keys()
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst <= atol, f"max weight difference {worst}"
 
 
 @pytest.fixture(scope="module")

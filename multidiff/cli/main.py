@@ -11,6 +11,8 @@ commands:
   train      train a model:     multidiff train recipe=image_digits run_dir=runs/digits trainer.max_steps=500
   generate   sample from one:   multidiff generate model=runs/digits/model prompt="a handwritten digit seven" out=out/
   serve      a web page for one: multidiff serve model=runs/digits/model   (then open http://127.0.0.1:7860)
+  prepare    encode a recipe's data once into shards: multidiff prepare recipe=image_digits out=shards/digits
+             (then: multidiff train recipe=image_digits data=streaming data.path=shards/digits)
   recipes    one line per recipe (what it trains, its time on a 2-core CPU, its measured quality)
 
 multidiff COMMAND --help lists every option of the command with its type, default and meaning
@@ -19,7 +21,7 @@ multidiff COMMAND --help lists every option of the command with its type, defaul
 hydra.searchpath=[file:///path/to/conf].
 """
 
-COMMANDS = ("train", "generate", "serve", "recipes")
+COMMANDS = ("train", "generate", "serve", "recipes", "prepare")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -63,6 +65,14 @@ def _help(command: str, args: list[str]) -> int:
 
     overrides = [a for a in args if a not in ("-h", "--help", "--cfg")]
     extra = _searchpath_dirs(overrides)
+    if command == "prepare":
+        from multidiff.cli.prepare import OPTIONS_HELP
+
+        print("usage: multidiff prepare recipe=NAME out=DIR [option=value ...] [train overrides ...]\n\n"
+              "Encodes the recipe's dataset once (decoding, the autoencoder if any, the caption embeddings) into "
+              "litdata shards in DIR, for training with data=streaming data.path=DIR (docs/data.md).\n\n"
+              f"options:\n{OPTIONS_HELP}\n\nEvery other key=value is a train override (multidiff train --help lists them).")
+        return 0
     if command == "recipes":
         print(recipes_listing(extra))
         return 0
@@ -110,19 +120,29 @@ def main(argv: list[str] | None = None) -> int:
         from multidiff.cli.compose import compose
         from multidiff.cli.terminal import setup
 
+        prepare_options = None
         if command == "generate":
             from multidiff.cli.generate import route_options
 
             overrides = route_options(overrides)
-        cfg = compose(command, overrides)
+        elif command == "prepare":
+            from multidiff.cli.prepare import split_options
+
+            prepare_options, overrides = split_options(overrides)
+        cfg = compose("train" if command == "prepare" else command, overrides)
         setup(verbose=bool(cfg.get("verbose", False)))
-        if command == "train":
+        if command in ("train", "prepare"):
             recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
             cfg.recipe_name = recipe
         if print_cfg:
             from omegaconf import OmegaConf
 
             print(OmegaConf.to_yaml(cfg))
+            return 0
+        if command == "prepare":
+            from multidiff.cli.prepare import run as prepare
+
+            prepare(cfg, prepare_options)
             return 0
         if command == "train":
             from multidiff.cli.train import run

@@ -213,11 +213,17 @@ def build_diffusion(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
     if editing.get("init_from"):
         extend_model(parts.denoiser.backbone, editing.init_from)
     masked = bool(getattr(parts.denoiser.backbone, "concat_channels", 0))
-    prepare = partial(prepare_dataset, stage=parts.stage, conditioner=parts.conditioner, root=cfg.data_root,
-                      cache=bool(cfg.data.get("cache_latents", True)))
+    if cfg.data.get("streaming"):  # pre-encoded shards (multidiff prepare): checked against this model first
+        from multidiff.datasets.shards import ready_for_training
+
+        prepare = partial(ready_for_training, stage=parts.stage, conditioner=parts.conditioner,
+                          data_shape=tuple(parts.adapter.shape))
+    else:
+        prepare = partial(prepare_dataset, stage=parts.stage, conditioner=parts.conditioner, root=cfg.data_root,
+                          cache=bool(cfg.data.get("cache_latents", True)))
     datamodule = DiffusionDataModule(partial(make, cfg.data.dataset, adapter=parts.adapter),
                                      batch_size=cfg.data.batch_size, num_workers=cfg.data.get("num_workers", 0), seed=cfg.seed,
-                                     prepare=prepare)
+                                     prepare=prepare, shuffle_window=int(cfg.data.get("shuffle_window", 8)))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     module = DiffusionModule(
         parts.denoiser, make(cfg.diffusion.noise), parts.conditioner,
@@ -250,10 +256,22 @@ def build_modalities(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
     entries = {n: entry_config(cfg, n) for n in names}
     first = parts[names[0]]
     first.denoiser.backbone.prepare_training()
+    streaming = bool(cfg.get("data") and cfg.data.get("streaming"))
+    if streaming:  # DIR/<modality> for each modality, written by multidiff prepare of this recipe
+        from multidiff.datasets.shards import ShardDataset, ready_for_training
+
+        data = cfg.data.dataset
+        factories = [partial(ShardDataset, stream_path(cfg.data.path, n), cache_dir=data.get("cache_dir"),
+                             max_cache_size=data.get("max_cache_size", "50GB")) for n in names]
+        ready = {n: partial(ready_for_training, stage=parts[n].stage, conditioner=first.conditioner,
+                            data_shape=tuple(parts[n].adapter.shape)) for n in names}
+        prepare = [ready[n] for n in names]
+    else:
+        factories = [partial(make, entries[n].data.dataset, adapter=parts[n].adapter) for n in names]
+        prepare = None
     datamodule = MixtureDataModule(
-        [partial(make, entries[n].data.dataset, adapter=parts[n].adapter) for n in names],
-        batch_sizes=[int(entries[n].data.batch_size) for n in names], weights=modality_weights(cfg),
-        num_workers=int(entries[names[0]].data.get("num_workers", 0)), seed=cfg.seed,
+        factories, batch_sizes=[int(entries[n].data.batch_size) for n in names], weights=modality_weights(cfg),
+        num_workers=int(entries[names[0]].data.get("num_workers", 0)), seed=cfg.seed, prepare=prepare,
     )
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_kwargs.get("strategy") in ("ddp", "ddp_spawn"):
@@ -270,6 +288,11 @@ def build_modalities(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
     callbacks = build_callbacks(cfg, parts, options, run_dir, make, progress=trainer_kwargs.get("enable_progress_bar", True))
     logger = make(cfg.logger, save_dir=str(run_dir)) if cfg.get("logger") else False
     return first, module, datamodule, build_trainer(trainer_kwargs, run_dir, callbacks, logger)
+
+
+def stream_path(path, name: str) -> str:
+    """Where a model of several modalities streams modality ``name``: ``path/name`` (a folder or URL)."""
+    return f"{str(path).rstrip('/')}/{name}"
 
 
 def extend_model(backbone, source: str) -> None:
@@ -334,6 +357,10 @@ def build_callbacks(cfg: DictConfig, parts, options: TrainingOptions, run_dir: P
     every = cfg.callbacks.checkpoint.every_n_steps if "checkpoint" in cfg.callbacks else 0
     last = run_dir / "checkpoints" / "last.ckpt"
     callbacks = [GracefulStop(last), LastCheckpoint(last, every), NonFiniteGuard(options.nonfinite)]
+    if cfg.get("data") is not None and cfg.data.get("log_items"):
+        from multidiff.training.callbacks import ItemLog
+
+        callbacks.append(ItemLog(run_dir))
     if options.inject_signal_at_step is not None:
         callbacks.append(SignalAtStep(options.inject_signal_at_step, options.inject_signal))
     samples_cfg = cfg.callbacks.get("samples") if parts is not None else None  # an autoencoder run draws no samples

@@ -150,10 +150,16 @@ class CaptionFolder(Dataset):
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stack model tensors (``x`` data, or ``z`` cached latents); keep captions as a list of strings;
-    the source index of a batch of one modality of several (``modality``), when the items have one."""
+    """Stack model tensors (``x`` data, or ``z`` cached latents) and stored caption embeddings
+    (``tokens``, ``mask``, ``pooled``: pre-encoded shards); keep captions as a list of strings; the
+    source index of a batch of one modality of several (``modality``), when the items have one."""
     key = "z" if "z" in batch[0] else "x"
     out = {key: torch.stack([b[key] for b in batch]), "text": [b["text"] for b in batch]}
+    if "index" in batch[0]:
+        out["index"] = torch.tensor([b["index"] for b in batch])
+    for name in ("tokens", "mask", "pooled"):
+        if name in batch[0]:
+            out[name] = torch.stack([b[name] for b in batch])
     if "modality" in batch[0]:
         out["modality"] = batch[0]["modality"]
     return out

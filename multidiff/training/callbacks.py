@@ -141,3 +141,22 @@ class StepProgressBar(TQDMProgressBar):
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
         if step == bar.total:
             bar.close()  # the last step: Lightning's closing message goes on a line of its own
+
+
+class ItemLog(L.Callback):
+    """Writes which items every rank trained on (``data.log_items=true``, shards only): one line per
+    batch, ``epoch step index index ...`` (``epoch step modality:M index ...`` for a mixture), to
+    ``run_dir/logs/items-rank{R}.txt``, appended, so a resumed run continues its file. What a check
+    that every item is seen once per epoch, by one rank, reads."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if "index" not in batch:
+            return
+        path = self.run_dir / "logs" / f"items-rank{trainer.global_rank}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            source = [f"modality:{int(batch['modality'])}"] if "modality" in batch else []  # a mixture's source
+            f.write(" ".join(map(str, [trainer.current_epoch, trainer.global_step, *source, *batch["index"].tolist()])) + "\n")

@@ -9,9 +9,33 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from multidiff.datasets.folder import collate
 
 
+def epoch_order(n: int, generator: torch.Generator, chunks: list[int] | None = None, window: int = 8) -> list[int]:
+    """A permutation of ``range(n)`` drawn from ``generator``.
+
+    With ``chunks`` (items per chunk, in index order, summing to ``n``: shards on disk or in an
+    object store), the permutation stays local: the chunks are shuffled, taken ``window`` at a
+    time, and the items of each group of chunks are shuffled among themselves, so a reader holds
+    at most ``window`` chunks at once (litdata's own shuffle does the same) and every item is
+    still drawn once.
+    """
+    if chunks is None:
+        return torch.randperm(n, generator=generator).tolist()
+    if sum(chunks) != n:
+        raise ValueError(f"chunk sizes sum to {sum(chunks)}, not to the {n} items")
+    starts = [0]
+    for size in chunks[:-1]:
+        starts.append(starts[-1] + size)
+    order: list[int] = []
+    chunk_order = torch.randperm(len(chunks), generator=generator).tolist()
+    for g in range(0, len(chunk_order), max(1, window)):
+        group = [i for c in chunk_order[g : g + window] for i in range(starts[c], starts[c] + chunks[c])]
+        order += [group[j] for j in torch.randperm(len(group), generator=generator).tolist()]
+    return order
+
+
 class ResumableBatchSampler(Sampler[list[int]]):
     """Batches of a per-epoch permutation seeded by ``(seed, epoch)``, sharded across ranks, that
-    can start part-way into an epoch.
+    can start part-way into an epoch (chunk-local with ``chunks``, see :func:`epoch_order`).
 
     The epoch and the number of batches already consumed come from ``position()`` (the trainer's
     restored loop counters), so a run resumed mid-epoch sees exactly the batches the uninterrupted
@@ -21,13 +45,15 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, n: int, batch_size: int, *, seed: int, drop_last: bool, rank: int = 0, world_size: int = 1,
-                 position=None) -> None:
+                 position=None, chunks: list[int] | None = None, window: int = 8) -> None:
         self.n, self.batch_size, self.seed, self.drop_last = n, batch_size, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.position = position or (lambda: (0, 0))
+        self.chunks, self.window = chunks, window
 
     def _global_batches(self, epoch: int) -> list[list[int]]:
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = epoch_order(self.n, g, self.chunks, self.window)
         size = self.batch_size * self.world_size
         batches = [perm[i : i + size] for i in range(0, self.n, size)]
         if self.drop_last and batches and len(batches[-1]) < size:
@@ -52,10 +78,10 @@ class DiffusionDataModule(L.LightningDataModule):
     """
 
     def __init__(self, dataset_factory, *, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                 prepare=None) -> None:
+                 prepare=None, shuffle_window: int = 8) -> None:
         super().__init__()
         self.dataset_factory, self.batch_size, self.num_workers, self.seed = dataset_factory, batch_size, num_workers, seed
-        self.prepare = prepare
+        self.prepare, self.shuffle_window = prepare, shuffle_window
         self.dataset: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -82,12 +108,14 @@ class DiffusionDataModule(L.LightningDataModule):
         sampler = ResumableBatchSampler(
             len(self.dataset), self.batch_size, seed=self.seed, drop_last=len(self.dataset) >= self.batch_size * world,
             rank=rank, world_size=world, position=self._position,
+            chunks=getattr(self.dataset, "chunk_sizes", None), window=self.shuffle_window,
         )
         return DataLoader(
             self.dataset,
             batch_sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=False,
+            prefetch_factor=4 if self.num_workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate,
         )
@@ -107,7 +135,7 @@ class MixtureBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, sizes: list[int], batch_sizes: list[int], weights: list[float], *, seed: int,
-                 rank: int = 0, world_size: int = 1, position=None) -> None:
+                 rank: int = 0, world_size: int = 1, position=None, chunks: list | None = None, window: int = 8) -> None:
         if not (len(sizes) == len(batch_sizes) == len(weights)) or not sizes:
             raise ValueError("sizes, batch_sizes and weights need one entry per source")
         for i, (n, b) in enumerate(zip(sizes, batch_sizes)):
@@ -116,6 +144,7 @@ class MixtureBatchSampler(Sampler[list[int]]):
         self.sizes, self.batch_sizes, self.weights = list(sizes), list(batch_sizes), torch.tensor(weights, dtype=torch.float64)
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.chunks, self.window = list(chunks or [None] * len(sizes)), window
         self.position = position or (lambda: (0, 0))
         self.num_batches = max(1, sum(n // (b * world_size) for n, b, w in zip(sizes, batch_sizes, weights) if w > 0))
 
@@ -128,7 +157,7 @@ class MixtureBatchSampler(Sampler[list[int]]):
         for s in sources:
             size = self.batch_sizes[s] * self.world_size
             while len(orders[s]) < size:  # this source's next permutation (seeded by the generator's state)
-                orders[s] += torch.randperm(self.sizes[s], generator=g).tolist()
+                orders[s] += epoch_order(self.sizes[s], g, self.chunks[s], self.window)
             picked, orders[s] = orders[s][:size], orders[s][size:]
             batches.append((s, [self.offsets[s] + i for i in picked]))
         return batches
@@ -164,7 +193,7 @@ class MixtureDataModule(DiffusionDataModule):
     (:class:`MixtureBatchSampler`), with ``batch["modality"]`` its index.
 
     ``dataset_factories``, ``batch_sizes`` (per device) and ``weights``: one per source, in the
-    model's modality order.
+    model's modality order; ``prepare``: one function for every source, or a list of one per source.
     """
 
     def __init__(self, dataset_factories: list, *, batch_sizes: list[int], weights: list[float],
@@ -178,7 +207,8 @@ class MixtureDataModule(DiffusionDataModule):
             datasets = [factory() for factory in self.dataset_factories]
             if self.prepare is not None:
                 device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
-                datasets = [self.prepare(d, device=device) for d in datasets]
+                prepares = self.prepare if isinstance(self.prepare, list | tuple) else [self.prepare] * len(datasets)
+                datasets = [p(d, device=device) for p, d in zip(prepares, datasets, strict=True)]
             self.datasets = [_Tagged(d, i) for i, d in enumerate(datasets)]
             self.dataset = ConcatDataset(self.datasets)
 
@@ -186,6 +216,8 @@ class MixtureDataModule(DiffusionDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = MixtureBatchSampler([len(d) for d in self.datasets], self.batch_sizes, self.weights, seed=self.seed,
-                                      rank=rank, world_size=world, position=self._position)
+                                      rank=rank, world_size=world, position=self._position,
+                                      chunks=[getattr(d.dataset, "chunk_sizes", None) for d in self.datasets],
+                                      window=self.shuffle_window)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers, persistent_workers=False,
                           pin_memory=torch.cuda.is_available(), collate_fn=collate)

@@ -125,7 +125,7 @@ class DiffusionModule(L.LightningModule):
         # exactly what one process computes on the global batch.
         world, rank, b = self.trainer.world_size if self._trainer else 1, self.global_rank, x0.shape[0]
         with torch.no_grad():
-            cond = self.conditioner.encode(batch["text"])
+            cond = self.prompt_cond(batch)
             keep = torch.rand(b * world, generator=rng, device=x0.device)[rank::world] >= self.cond_dropout
             cond = Cond.where(keep, cond, self.conditioner.null()) if self.cond_dropout > 0 else cond
             if self.mask_sampler is not None:
@@ -153,6 +153,12 @@ class DiffusionModule(L.LightningModule):
             return self._nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=b, sync_dist=world > 1)
         return loss
+
+    def prompt_cond(self, batch: dict) -> Cond:
+        """The prompts' condition: stored in the batch (pre-encoded shards: no text encoding) or encoded."""
+        if "tokens" in batch:
+            return Cond(tokens=batch["tokens"], mask=batch["mask"], pooled=batch["pooled"])
+        return self.conditioner.encode(batch["text"])
 
     def _editing_channels(self, x0: torch.Tensor, rng: torch.Generator, world: int, rank: int) -> torch.Tensor:
         """``cat([keep, keep * x0])`` with random regions for ``mask_probability`` of the global batch."""
