@@ -38,6 +38,7 @@ from multidiff.core.noise import PerSampleGenerator, with_prior
 from multidiff.core.samplers import SAMPLERS, read_grid
 from multidiff.multimodal import ModalityError, check_modalities, entry_config, modality_names, model_entries, select
 from multidiff.performance import apply_performance_options
+from multidiff.pretrained import PretrainedError, is_pipeline_dir, pipeline_config
 
 FORMAT = "multidiff-model"
 FORMAT_VERSION = 1
@@ -212,12 +213,20 @@ def _read_model(path: Path) -> tuple[DictConfig, callable, Path | None]:
     """Config, a weight-loading function and the saved latent stage (if any) of an exported
     directory or a ``.ckpt``."""
     if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist; pass an exported model directory (RUN/model) or a .ckpt")
+        raise ModelLoadError(f"model path {path} does not exist; pass an exported model directory (RUN/model), a .ckpt "
+                             "or a diffusers pipeline directory")
     if path.is_dir():
         marker = path / "multidiff.json"
+        if not marker.is_file() and is_pipeline_dir(path):  # a published diffusers pipeline (docs/pretrained.md)
+            try:
+                cfg = pipeline_config(path)
+            except PretrainedError as e:
+                raise ModelLoadError(str(e)) from None
+            return cfg, lambda parts: None, None  # the parts load their folders themselves
         if not marker.is_file():
             hint = " (did you mean its model/ subfolder?)" if (path / "model" / "multidiff.json").is_file() else ""
-            raise ModelLoadError(f"{path} is not a multidiff model: it has no multidiff.json{hint}")
+            raise ModelLoadError(f"{path} is not a multidiff model: it has no multidiff.json (nor a diffusers "
+                                 f"model_index.json){hint}")
         info = json.loads(marker.read_text())
         if info.get("format") == "multidiff-autoencoder":
             raise ModelLoadError(f"{path} is an autoencoder (a task=autoencoder run's export), not a diffusion model: "
@@ -334,6 +343,7 @@ class Pipeline:
         mask: str | Path | Tensor | None = None,
         strength: float | None = None,
         harmonize: int = 0,
+        noise: Tensor | None = None,
         **options,
     ) -> Tensor:
         """Sample ``num_samples`` per prompt; returns decoded raw samples ``(N, *raw_shape)``.
@@ -355,6 +365,11 @@ class Pipeline:
         seam. ``strength`` in ``[0, 1]`` (default 1 with a region, 0.6 without: a variation) is the
         share of the steps run from the input noised to that level: 0 returns the input, 1 starts
         from pure noise (without a region that equals plain generation with the same seed).
+
+        ``noise``: the initial noise ``(N, *model_shape)`` (``N = len(prompts) * num_samples``, the
+        latent shape of a latent model) instead of the seeds' draws, unit variance, as a diffusers
+        pipeline takes its ``latents``: the same tensor given to both gives the same samples
+        (``docs/pretrained.md``). Noise injected by stochastic samplers still comes from the seeds.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         fn, default_name = self._sampler(sampler)
@@ -373,12 +388,20 @@ class Pipeline:
         steps_run = len(sigmas if edit is None else variation_sigmas(sigmas, edit.strength)) - 1
         bar = _progress(progress, total=math.ceil(len(flat) / batch_size) * steps_run)
         outputs = []
+        latent_shape = tuple(self.stage.latent_shape(data_shape))
+        if noise is not None and tuple(noise.shape) != (len(flat), *latent_shape):
+            if bar is not None:
+                bar.close()
+            space = "shape" if self.stage.is_identity else "latent shape"
+            raise GenerationError(
+                f"noise has shape {tuple(noise.shape)} but {len(flat)} samples of this model start from "
+                f"{(len(flat), *latent_shape)} (prompts x num_samples, then the model's {space} for these options)")
         latent_edit = None if edit is None else self.latent_edit(edit)
         for start in range(0, len(flat), batch_size):
             chunk, chunk_seeds = flat[start : start + batch_size], seeds[start : start + batch_size]
             z = self.sample_tensors(
-                chunk, chunk_seeds, self.stage.latent_shape(data_shape), fn, sigmas, guidance_scale, negative_prompt,
-                callback=bar, edit=latent_edit,
+                chunk, chunk_seeds, latent_shape, fn, sigmas, guidance_scale, negative_prompt,
+                callback=bar, edit=latent_edit, noise=None if noise is None else noise[start : start + batch_size],
             )
             paste = None if edit is None or edit.keep is None else (edit.known, edit.keep)
             outputs.extend(self.adapter.fit_length(raw, **options).cpu()
@@ -402,13 +425,13 @@ class Pipeline:
         return Edit(known, keep, edit.strength, edit.harmonize, edit.record)
 
     def sample_tensors(self, prompts, seeds, shape, fn, sigmas, guidance_scale, negative_prompt=None, callback=None,
-                       edit: Edit | None = None):
+                       edit: Edit | None = None, noise: Tensor | None = None):
         """Model tensors ``(B, *shape)`` (latents of a latent model) for prompts and per-sample seeds (no decoding);
-        ``edit``: an edit in this space (see :meth:`prepare_edit`)."""
+        ``edit``: an edit in this space (see :meth:`prepare_edit`); ``noise``: the initial noise instead of the seeds'."""
         return sample_prompts(
             self.denoiser, self.conditioner, prompts, seeds, shape, fn, sigmas,
             guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=self.device, callback=callback,
-            edit=edit, modality=self.modality,
+            edit=edit, modality=self.modality, noise=noise,
         )
 
     def _grid(self, steps: int, sigmas: Tensor | None) -> Tensor:
@@ -549,7 +572,8 @@ def _read_input(value, load, name: str) -> Tensor:
 
 @torch.inference_mode()
 def sample_prompts(denoiser, conditioner, prompts, seeds, shape, fn, sigmas, *, guidance_scale, negative_prompt=None,
-                   device="cpu", callback=None, edit: Edit | None = None, modality: int | None = None) -> Tensor:
+                   device="cpu", callback=None, edit: Edit | None = None, modality: int | None = None,
+                   noise: Tensor | None = None) -> Tensor:
     """Sample model tensors ``(B, *shape)``: seeded noise, prompts encoded, CFG, then ``fn``.
 
     ``callback`` (e.g. a tqdm bar) gets ``update(1)`` after every sampler step. ``edit`` (in the
@@ -557,11 +581,18 @@ def sample_prompts(denoiser, conditioner, prompts, seeds, shape, fn, sigmas, *, 
     :class:`~multidiff.core.editing.InpaintDenoiser` around the guided denoiser; a mask-conditioned
     backbone (``concat_channels``) also sees the region and the input as extra channels.
     ``modality``: the index of the modality to generate with a model of several (``cond.modality``).
+    The start is ``noise * parameterization.start_scale(sigmas[0])`` (unit noise in the process's own
+    frame); ``noise`` given replaces the seeds' draw of it.
     """
     gen = with_prior(PerSampleGenerator(seeds), getattr(denoiser, "noise_prior", None))
     sigmas = sigmas.to(torch.float32)
-    noise = gen.randn((len(prompts), *shape), device=device)
-    x = noise * float(sigmas[0])
+    if noise is None:
+        noise = gen.randn((len(prompts), *shape), device=device)
+    else:
+        noise = noise.to(device=device, dtype=torch.float32)
+    parameterization = getattr(denoiser, "parameterization", None)
+    scale = float(sigmas[0]) if parameterization is None else parameterization.start_scale(float(sigmas[0]))
+    x = noise * scale
     cond = conditioner.encode(prompts)
     if modality is not None:  # an input field: guidance hands it to the unconditional branch too
         cond = with_input(cond, modality=torch.full((len(prompts),), modality, dtype=torch.long, device=device))
@@ -569,7 +600,7 @@ def sample_prompts(denoiser, conditioner, prompts, seeds, shape, fn, sigmas, *, 
     guided = CFGDenoiser(denoiser, uncond, guidance_scale)
     if edit is not None:
         known = edit.known.to(device)
-        x, sigmas = variation_start(known, noise, sigmas, edit.strength)
+        x, sigmas = variation_start(known, noise, sigmas, edit.strength, start_scale=scale)
         if edit.keep is not None:
             # the harmonizing noise has its own per-sample streams: the sampler's stay as in plain generation
             harmonize_gen = PerSampleGenerator([s + HARMONIZE_SEED_OFFSET for s in seeds])

@@ -168,7 +168,11 @@ class DiffusersAutoencoder(LatentStage):
         self.family, self.per_frame, self.path = family, bool(per_frame), path
         self._options = {"per_frame": bool(per_frame), "scale_mode": scale_mode}
         try:
-            model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+            from diffusers.utils import is_accelerate_available
+
+            # low_cpu_mem_usage needs accelerate; asking for it without accelerate only prints advice
+            model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                        low_cpu_mem_usage=is_accelerate_available())
         except (OSError, ValueError) as err:  # no safetensors weights, or weights that do not fit the config
             raise AutoencoderError(
                 f"autoencoder.path={path}: the {cls.__name__} weights cannot be loaded ({err}); "

@@ -13,6 +13,18 @@ from multidiff.backbones.diffusers_unet import DiffusersUNet
 from multidiff.core.cond import Cond
 
 
+def padded_call(fn, x: Tensor, multiple: int) -> Tensor:
+    """``fn(x)`` for ``x (B, C, H, W)`` of any ``H, W``: padded at the end to a multiple of ``multiple``
+    (reflecting, so the strip looks like the noisy input the network expects; constant where the
+    input is too small to reflect) and the output cropped back."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if not (pad_h or pad_w):
+        return fn(x)
+    mode = "reflect" if pad_h < h and pad_w < w else "constant"
+    return fn(F.pad(x, (0, pad_w, 0, pad_h), mode=mode))[..., :h, :w]
+
+
 class UNet2DCond(DiffusersUNet):
     """diffusers ``UNet2DConditionModel`` with text cross-attention (and optional class labels).
 
@@ -83,18 +95,10 @@ class UNet2DCond(DiffusersUNet):
         :attr:`size_multiple` (e.g. spectrograms of an arbitrary duration) are padded at the end
         and the output cropped back, so every size gets the same aligned grid as training."""
         self.check_input(x)
-        h, w = x.shape[-2:]
         if self.coord_axes:  # [x, coordinates, concat]: the order of the input weights
             c = self.shape[0]
             x = torch.cat([x[:, :c], *self._coordinates(x), x[:, c:]], 1)
-        m = self.size_multiple
-        pad_h, pad_w = -h % m, -w % m
-        if pad_h or pad_w:
-            # reflect keeps the padded strip noise-like, as the network expects; tiny inputs cannot reflect
-            mode = "reflect" if pad_h < h and pad_w < w else "constant"
-            out = self._forward(F.pad(x, (0, pad_w, 0, pad_h), mode=mode), c_noise, cond)
-            return out[..., :h, :w]
-        return self._forward(x, c_noise, cond)
+        return padded_call(lambda padded: self._forward(padded, c_noise, cond), x, self.size_multiple)
 
     def _forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
         tokens, mask = attention_context(cond, dim=self.cross_attention_dim, like=x)

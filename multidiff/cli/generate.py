@@ -21,7 +21,7 @@ class GenerateOptions(Options):
     WHERE = "multidiff generate --help lists them"
 
     model: str = REQUIRED
-    """an exported model directory (RUN/model) or a training checkpoint (.ckpt)."""
+    """an exported model directory (RUN/model), a training checkpoint (.ckpt) or a diffusers pipeline (docs/pretrained.md)."""
     prompt: str | None = None
     """the text prompt (or prompts_file=)."""
     prompts_file: str | None = None

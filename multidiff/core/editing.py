@@ -147,18 +147,20 @@ def variation_sigmas(sigmas: Tensor, strength: float) -> Tensor:
     return sigmas[steps - run :]
 
 
-def variation_start(known: Tensor, noise: Tensor, sigmas: Tensor, strength: float) -> tuple[Tensor, Tensor]:
+def variation_start(known: Tensor, noise: Tensor, sigmas: Tensor, strength: float,
+                    start_scale: float | None = None) -> tuple[Tensor, Tensor]:
     """The start of a variation (SDEdit, Meng et al. 2022): ``(x, sigmas)`` to hand a sampler.
 
     ``strength`` in ``[0, 1]`` picks how much of the grid ``sigmas`` (``steps + 1`` levels) runs,
     as diffusers' image-to-image does: the last ``round(steps * strength)`` steps, starting from
-    ``known + sigma_start * noise``. Strength 1 is plain generation from ``noise * sigmas[0]``
-    (the input is not added, so it equals generation with the same seed); strength 0 runs no step
+    ``known + sigma_start * noise``. Strength 1 is plain generation from ``noise * start_scale``
+    (default ``sigmas[0]``; the parameterization's ``start_scale(sigmas[0])`` in a pipeline; the
+    input is not added, so it equals generation with the same seed); strength 0 runs no step
     and returns ``known`` with a one-level grid ``[0]`` (the caller skips the sampler).
     """
     run = variation_sigmas(sigmas, strength)
     if len(run) == 1:
         return known.expand_as(noise).clone(), run
     if strength >= 1:
-        return noise * sigmas[0], sigmas
+        return noise * (sigmas[0] if start_scale is None else start_scale), sigmas
     return known + noise * run[0], run

@@ -53,6 +53,8 @@ class VPSchedule:
             scene) keep their content visible at higher noise, so their coarse decisions (layout,
             pitch, identity across frames) are made at sigmas the unshifted table rarely trains;
             a shift of about ``sqrt(values / reference values)`` moves them back. 1 = off.
+        steps_offset: added to every ``leading`` timestep, as diffusers' schedulers do (Stable
+            Diffusion's configs use 1); other spacings ignore it, as diffusers' do.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class VPSchedule:
         spacing: str = "trailing",
         rho: float = 7.0,
         shift: float = 1.0,
+        steps_offset: int = 0,
     ) -> None:
         if not shift > 0:
             raise ValueError(f"schedule shift must be > 0 (1 = no shift), got {shift!r}")
@@ -75,7 +78,9 @@ class VPSchedule:
         self.sigmas_table = sig.float()  # (T,), increasing in t
         self._log_sigmas = sig.log()  # float64 for an exact sigma -> t map
         self.num_train_timesteps = num_train_timesteps
-        self.spacing, self.rho = spacing, rho
+        self.spacing, self.rho, self.steps_offset = spacing, rho, int(steps_offset)
+        if not 0 <= self.steps_offset < num_train_timesteps:
+            raise ValueError(f"steps_offset must be in [0, {num_train_timesteps}), got {steps_offset!r}")
         if spacing not in ("trailing", "leading", "linspace", "karras"):
             raise ValueError(f"unknown spacing {spacing!r}; choose trailing, leading, linspace or karras")
 
@@ -122,7 +127,8 @@ class VPSchedule:
             # spurious last one that rounds to timestep -1 (the *noisiest* sigma), e.g. steps=61.
             ts = (n + i[:steps] * ((n - n / steps) - n)).round() - 1
         elif self.spacing == "leading":
-            ts = (i[:steps] * (n // steps)).flip(0)
+            ts = (i[:steps] * (n // steps)).flip(0) + self.steps_offset
+            ts = ts.clamp(max=n - 1)
         else:  # linspace: numpy's linspace(0, n - 1, steps + 1) (i * step, exact endpoint)
             ts = i * ((n - 1) / steps)
             ts[-1] = n - 1

@@ -1,0 +1,212 @@
+"""A diffusers pipeline directory (``model_index.json``) as a multidiff model config.
+
+:func:`pipeline_config` reads only JSON (the pipeline's index and each component's config), checks
+that the directory is one family multidiff imports and that every part it needs is present with
+safetensors weights, and returns an ordinary multidiff model config whose parts load those folders:
+the adapter sized from the UNet and the autoencoder, :class:`~multidiff.autoencoders.diffusers_vae.DiffusersAutoencoder`
+on ``vae/``, a backbone wrapping the published network unchanged, the scheduler's betas and
+prediction type as a :class:`~multidiff.core.schedules.VPSchedule` and parameterization in the
+sigma frame, and a :class:`~multidiff.conditioning.text.TextConditioner` on the pipeline's own
+``tokenizer/`` and ``text_encoder/``. Nothing in the directory is executed: no custom pipeline
+code (an index that names any is refused), no pickled weights (``.bin`` / ``.ckpt`` are refused,
+weights load with ``use_safetensors=True``), only ``multidiff.`` classes are built.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+LIBRARIES = ("diffusers", "transformers")
+
+
+class PretrainedError(ValueError):
+    """A directory is not a diffusers pipeline multidiff can import, or parts of it are missing."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """One folder of a pipeline: the classes it may hold and what must be in it."""
+
+    library: str
+    classes: tuple[str, ...]
+    files: tuple[str, ...]  # one of these must exist (a config)
+    weights: bool = False  # a model: safetensors weights required
+
+
+@dataclass(frozen=True)
+class Family:
+    components: dict[str, Component]
+    config: Callable[[Path, dict[str, dict]], DictConfig]
+    modality: str
+
+
+# -- Stable Diffusion ---------------------------------------------------------------------------
+
+_VP_SCHEDULERS = ("PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+                  "DPMSolverSinglestepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                  "LMSDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler",
+                  "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler")
+_BETAS = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
+_PREDICTIONS = {"epsilon": "multidiff.core.denoiser.EpsPrediction", "v_prediction": "multidiff.core.denoiser.VPrediction",
+                "sample": "multidiff.core.denoiser.X0Prediction"}
+
+
+def vp_diffusion(scheduler: dict, where: Path) -> dict:
+    """A VP scheduler's config (betas, spacing, prediction type) as multidiff's ``diffusion`` node."""
+
+    def refuse(what: str) -> PretrainedError:
+        return PretrainedError(f"{where} asks for {what}, which multidiff's VP schedule does not implement; "
+                               "supported: beta_schedule linear, scaled_linear or squaredcos_cap_v2, no trained_betas, "
+                               "no rescale_betas_zero_snr, prediction_type epsilon, v_prediction or sample")
+
+    kind = scheduler.get("beta_schedule", "linear")
+    if kind not in _BETAS:
+        raise refuse(f"beta_schedule={kind!r}")
+    if scheduler.get("trained_betas") is not None:
+        raise refuse("a trained_betas table")
+    if scheduler.get("rescale_betas_zero_snr"):
+        raise refuse("rescale_betas_zero_snr=true")
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTIONS:
+        raise refuse(f"prediction_type={prediction!r}")
+    spacing = "karras" if scheduler.get("use_karras_sigmas") else scheduler.get("timestep_spacing", "leading")
+    if spacing not in ("leading", "trailing", "linspace", "karras"):
+        raise refuse(f"timestep_spacing={spacing!r}")
+    schedule = {
+        "_target_": "multidiff.core.schedules.VPSchedule", "beta_schedule": _BETAS[kind],
+        "num_train_timesteps": int(scheduler.get("num_train_timesteps", 1000)),
+        "beta_start": float(scheduler.get("beta_start", 0.0001)), "beta_end": float(scheduler.get("beta_end", 0.02)),
+        "spacing": spacing, "steps_offset": int(scheduler.get("steps_offset", 0) or 0),
+    }
+    return {"schedule": schedule,
+            "parameterization": {"_target_": _PREDICTIONS[prediction], "schedule": "${..schedule}"},
+            "noise": {"_target_": "multidiff.core.noise.DiscreteTimestepSigma", "schedule": "${..schedule}"},
+            "loss_weighting": "none", "noise_prior": None}
+
+
+def _stable_diffusion(path: Path, configs: dict[str, dict]) -> DictConfig:
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    size = unet.get("sample_size", 64)
+    size = [int(size) * factor] * 2 if isinstance(size, int) else [int(s) * factor for s in size]
+    if int(unet["in_channels"]) != int(vae["latent_channels"]):
+        raise PretrainedError(f"{path}: unet/ takes {unet['in_channels']} channels but vae/ makes "
+                              f"{vae['latent_channels']}-channel latents (an inpainting or other variant UNet?); "
+                              "multidiff imports text-to-image Stable Diffusion pipelines")
+    if int(unet["cross_attention_dim"]) != int(text["hidden_size"]):
+        raise PretrainedError(f"{path}: unet/ cross-attends to {unet['cross_attention_dim']}-wide tokens but "
+                              f"text_encoder/ makes {text['hidden_size']}-wide ones")
+    cfg = {
+        "modality": {"_target_": "multidiff.adapters.image.ImageAdapter", "size": size,
+                     "channels": int(vae.get("in_channels", 3))},
+        "autoencoder": {"_target_": "multidiff.autoencoders.diffusers_vae.DiffusersAutoencoder",
+                        "path": str(path / "vae"), "scale_mode": "pretrained"},
+        "backbone": {"_target_": "multidiff.backbones.pretrained.PretrainedUNet2D", "path": str(path / "unet")},
+        "diffusion": vp_diffusion(configs["scheduler"], path / "scheduler"),
+        "conditioning": {
+            "encoder": {"_target_": "multidiff.conditioning.text.TextConditioner", "encoder": str(path),
+                        "tokenizer_subfolder": "tokenizer", "encoder_subfolder": "text_encoder",
+                        "max_length": None, "padding": "keep", "sha256": None},
+            "dim": int(text["hidden_size"]), "dropout": 0.1},
+        "pretrained": {"family": "StableDiffusionPipeline", "path": str(path)},
+    }
+    return OmegaConf.create(cfg)
+
+
+_SD_COMPONENTS = {
+    "unet": Component("diffusers", ("UNet2DConditionModel",), ("config.json",), weights=True),
+    "vae": Component("diffusers", ("AutoencoderKL",), ("config.json",), weights=True),
+    "text_encoder": Component("transformers", ("CLIPTextModel",), ("config.json",), weights=True),
+    "tokenizer": Component("transformers", ("CLIPTokenizer", "CLIPTokenizerFast"),
+                           ("tokenizer.json", "vocab.json", "tokenizer_config.json")),
+    "scheduler": Component("diffusers", _VP_SCHEDULERS, ("scheduler_config.json",)),
+}
+
+FAMILIES: dict[str, Family] = {
+    "StableDiffusionPipeline": Family(_SD_COMPONENTS, _stable_diffusion, "image"),
+}
+"""The pipeline classes multidiff imports, by ``model_index.json``'s ``_class_name``."""
+
+PLANNED = ("StableAudioPipeline", "WanPipeline")  # named in the refusal, so users know they are coming
+
+
+def is_pipeline_dir(path: str | Path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def _json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PretrainedError(f"cannot read {file} as JSON ({e}); the pipeline directory is damaged") from None
+    if not isinstance(data, dict):
+        raise PretrainedError(f"{file} is not a JSON object; the pipeline directory is damaged")
+    return data
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(p.name.endswith((".safetensors", ".safetensors.index.json")) for p in folder.iterdir())
+
+
+def pipeline_config(path: str | Path) -> DictConfig:
+    """The multidiff model config of the diffusers pipeline in ``path`` (only JSON is read), or a
+    :class:`PretrainedError` that names what is unsupported or missing and what would fix it."""
+    path = Path(path).expanduser().resolve()
+    index = _json(path / "model_index.json")
+    name = index.get("_class_name")
+    supported = ", ".join(FAMILIES)
+    if not isinstance(name, str):
+        raise PretrainedError(
+            f"{path}/model_index.json names a custom pipeline ({name!r}); multidiff never runs code from a model "
+            f"directory and imports the diffusers pipelines {supported}")
+    if name not in FAMILIES:
+        planned = f" ({', '.join(PLANNED)} are planned)" if PLANNED else ""
+        raise PretrainedError(
+            f"{path} holds a diffusers {name}, which multidiff does not import; it imports {supported}{planned}. "
+            "Convert the model to one of those, or train a multidiff model (multidiff train recipe=...)")
+    family = FAMILIES[name]
+    problems, configs = [], {}
+    for key, part in family.components.items():
+        entry = index.get(key)
+        folder = path / key
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] is not None):
+            problems.append(f"model_index.json has no {key} entry")
+            continue
+        library, cls = entry
+        if library not in LIBRARIES:
+            raise PretrainedError(
+                f"{path}/model_index.json takes {key} from {library!r} ({cls}): custom code, which multidiff never "
+                f"runs; a {name} takes {key} from {part.library} ({' or '.join(part.classes)})")
+        if cls not in part.classes:
+            problems.append(f"{key} is a {cls}, not {' or '.join(part.classes)}")
+            continue
+        if not folder.is_dir():
+            problems.append(f"the folder {key}/ is missing")
+            continue
+        config_file = next((folder / f for f in part.files if (folder / f).is_file()), None)
+        if config_file is None:
+            problems.append(f"{key}/ has no {' or '.join(part.files)}")
+            continue
+        if part.weights and not _has_safetensors(folder):
+            pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            problems.append(f"{key}/ has no safetensors weights" + (
+                f" (only {', '.join(pickled)}: pickled files, which multidiff never loads; convert them with "
+                "save_pretrained(..., safe_serialization=True))" if pickled else ""))
+            continue
+        if config_file.name.endswith("config.json") and key != "tokenizer":
+            configs[key] = _json(config_file)
+            if configs[key].get("auto_map"):
+                raise PretrainedError(f"{config_file} maps its classes to custom code (auto_map); multidiff never "
+                                      "runs code from a model directory")
+    if problems:
+        raise PretrainedError(
+            f"{path} is a {name} directory but cannot be imported: {'; '.join(problems)}. A complete one holds "
+            f"{', '.join(f'{k}/' for k in family.components)} as diffusers' save_pretrained(..., safe_serialization=True) "
+            "writes them")
+    return family.config(path, configs)

@@ -1,0 +1,66 @@
+"""Tiny random-weight diffusers pipelines, built with diffusers' and transformers' own classes and
+saved to a local directory, as diffusers' own test suite builds them (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+SCHEDULERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler")
+
+
+def tiny_clip_tokenizer(directory: Path, max_length: int = 16):
+    """A CLIPTokenizer over single characters (every word split into letters, ``</w>`` on the last),
+    written as the vocab.json + merges.txt a real CLIP tokenizer has."""
+    from transformers import CLIPTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits + ".,!?'-"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
+
+
+def save_tiny_stable_diffusion(directory: Path, *, prediction_type: str = "epsilon", spacing: str = "trailing",
+                               scheduler: str = "DDIMScheduler", steps_offset: int = 0, sample_size: int = 8,
+                               seed: int = 0) -> Path:
+    """A StableDiffusionPipeline with a 2-level UNet (4, 8 channels), a 2-level AutoencoderKL and a
+    2-layer CLIP text encoder, random weights from ``seed``, saved with safetensors to ``directory``.
+    Images are ``sample_size * 2`` pixels square (the autoencoder halves them once)."""
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    tokenizer = tiny_clip_tokenizer(Path(directory) / "_tokenizer_src")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length))
+    options = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=steps_offset)
+    if scheduler == "DDIMScheduler":
+        options.update(clip_sample=False, set_alpha_to_one=True)
+    elif scheduler == "PNDMScheduler":
+        options.update(skip_prk_steps=True, set_alpha_to_one=False)
+    sched = getattr(diffusers, scheduler)(**options)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(Path(directory) / "_tokenizer_src")
+    return Path(directory)
