@@ -379,3 +379,20 @@ def test_moving_digits_dataset_and_its_errors(tmp_path):
         moving_digits_dataset(tmp_path, adapter=adapter, num_digits=2, digit_size=13)
     assert not any(p.name.startswith(".") and ".tmp-" in p.name for p in tmp_path.iterdir())
     assert os.listdir(tmp_path)  # the good calls left their datasets
+
+
+def test_digits_in_black_ink_are_the_originals_inverted_and_captioned_so(tmp_path):
+    from multidiff.datasets.digits import BLACK_INK, DatasetError, digits_dataset
+
+    adapter = ImageAdapter(size=16, channels=1)
+    white = digits_dataset(tmp_path, adapter=adapter)
+    both = digits_dataset(tmp_path, adapter=adapter, ink="both")
+    black = digits_dataset(tmp_path, adapter=adapter, ink="black")
+    assert len(both) == 2 * len(white) == 2 * len(black)
+    for i in (0, 17):
+        w, b = white[i], black[i]
+        assert torch.allclose(b["x"], -w["x"], atol=1 / 127)  # 1 - x in [0, 1] is -x in [-1, 1] (PNG rounding)
+        assert b["text"] == w["text"] + BLACK_INK and not w["text"].endswith(BLACK_INK)
+        assert both[i]["text"] == w["text"] and both[len(white) + i]["text"] == b["text"]
+    with pytest.raises(DatasetError, match="data.dataset.ink='red' is not one of white, black, both"):
+        digits_dataset(tmp_path, adapter=adapter, ink="red")
