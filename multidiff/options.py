@@ -151,6 +151,10 @@ _WHAT = {int: "an integer", float: "a number", bool: "true or false", dict: "a m
          str: "text", list: "a list [a, b, ...]"}
 
 
+def _what(hint: Any) -> str:
+    return _WHAT.get(typing.get_origin(hint) or hint, type_name(hint))
+
+
 def _typed(key: str, value: Any, hint: Any) -> Any:
     """``value`` checked against ``hint``; :class:`OptionError` naming ``key`` otherwise.
 
@@ -165,7 +169,15 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
     if isinstance(hint, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (hint,) = [a for a in args if a is not type(None)]
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) > 1:  # e.g. list[str] | str: the first that takes the value
+            for choice in choices:
+                try:
+                    return _typed(key, value, choice)
+                except OptionError:
+                    pass
+            raise OptionError(f"{key}={value!r} is invalid: it must be {' or '.join(_what(c) for c in choices)}")
+        (hint,) = choices
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is list:
         if not isinstance(value, list | tuple):

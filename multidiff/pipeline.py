@@ -29,6 +29,17 @@ from torch import Tensor
 
 from multidiff.atomic import replace_directory
 from multidiff.autoencoders.base import Identity, LatentStage, load_stage
+from multidiff.backbones.lora import FORMAT as LORA_FORMAT
+from multidiff.backbones.lora import (
+    LoraError,
+    adapter_names,
+    add_lora,
+    has_lora,
+    load_lora,
+    merge_lora,
+    read_lora,
+    save_lora,
+)
 from multidiff.configuration import safe_instantiate, trusted_prefixes
 from multidiff.core.cond import Cond, with_input
 from multidiff.core.denoiser import Denoiser
@@ -228,6 +239,8 @@ def _read_model(path: Path) -> tuple[DictConfig, callable, Path | None]:
             raise ModelLoadError(f"{path} is not a multidiff model: it has no multidiff.json (nor a diffusers "
                                  f"model_index.json){hint}")
         info = json.loads(marker.read_text())
+        if info.get("format") == LORA_FORMAT:  # adapters alone: their base model, then them on top
+            return _read_lora_model(path)
         if info.get("format") == "multidiff-autoencoder":
             raise ModelLoadError(f"{path} is an autoencoder (a task=autoencoder run's export), not a diffusion model: "
                                  f"train a latent model with it (autoencoder=trained autoencoder.path={path}) and load that")
@@ -249,12 +262,65 @@ def _read_model(path: Path) -> tuple[DictConfig, callable, Path | None]:
     cfg = _upgrade(OmegaConf.create(ckpt["multidiff_config"]))
 
     def load(parts: ModelParts) -> None:
+        lora = cfg.get("lora") or {}
+        if lora.get("rank"):  # a LoRA run's checkpoint: the adapters' layers first, then the weights
+            add_lora(parts.denoiser.backbone, rank=int(lora.rank), alpha=lora.get("alpha"),
+                     target_modules=lora.get("target_modules"))
         parts.denoiser.backbone.load_state_dict(_prefixed(ckpt["state_dict"], "ema.backbone."))
         stage_state = _prefixed(ckpt["state_dict"], "stage.")
         if stage_state:  # the training module's latent stage, with the scale fitted on its data
             parts.stage.load_state_dict(stage_state)
 
     return cfg, load, None
+
+
+def _read_lora_model(path: Path) -> tuple[DictConfig, callable, Path | None]:
+    try:
+        info = read_lora(path)
+    except LoraError as e:
+        raise ModelLoadError(str(e)) from None
+    base = info.get("base")
+    if not base or not Path(base).exists():
+        raise ModelLoadError(f"{path} holds LoRA adapters trained on {base}, which is not there; generate with "
+                             f"model=BASE lora={path}, BASE being the model they were trained from")
+    cfg, load_base, stage_dir = _read_model(Path(base))
+
+    def load(parts: ModelParts) -> None:
+        load_base(parts)
+        _add_loras(parts.denoiser.backbone, [str(path)], [1.0])
+
+    return cfg, load, stage_dir
+
+
+def _add_loras(backbone, paths, scales) -> None:
+    """Load saved LoRA adapters on top of ``backbone``, stacked, each at its scale."""
+    for path, scale in zip(paths, scales, strict=True):
+        try:
+            load_lora(backbone, path, name=f"lora{len(adapter_names(backbone))}", scale=scale)
+        except LoraError as e:
+            raise ModelLoadError(str(e)) from None
+
+
+def build_from(cfg: DictConfig, source: str | Path) -> ModelParts:
+    """The parts of ``cfg`` (whose model keys came from ``source``, see ``init_from``) with the weights
+    of the model at ``source``: a diffusers pipeline directory, an export (its latent stage too), a
+    checkpoint, or LoRA adapters on their base (merged: the run starts from a plain model)."""
+    _, load_weights, stage_dir = _read_model(Path(str(source)).expanduser())
+    parts = build_parts(cfg, source="train config", stage_dir=stage_dir)
+    load_weights(parts)
+    if has_lora(parts.denoiser.backbone):
+        merge_lora(parts.denoiser.backbone)
+    return parts
+
+
+def export_lora(directory: str | Path, backbone, *, base: str) -> Path:
+    """Write a LoRA run's adapters alone (atomically): ``lora.safetensors``, ``lora.json`` (rank, alpha,
+    targets, ``base``: the model they were trained on, resolved) and the ``multidiff.json`` marker."""
+    from multidiff.backbones.lora import lora_info
+
+    info = lora_info(backbone)
+    base = str(Path(base).expanduser().resolve())
+    return replace_directory(directory, lambda tmp: save_lora(tmp, backbone, base=base, **info))
 
 
 def _prefixed(state: dict, prefix: str) -> dict:
@@ -309,16 +375,20 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | None = None, trusted_targets=(), modality: str | None = None,
-             **performance) -> Pipeline:
+             lora: str | list | None = None, lora_scale: float | list | None = None, **performance) -> Pipeline:
         """Load an export or checkpoint. Only ``multidiff.`` targets (and the caller's explicit
         ``trusted_targets`` prefixes, never a list written inside the file) are instantiated.
         ``modality``: which modality of a model of several to generate (required there, refused with
-        the list of them when missing or unknown). ``performance``: ``channels_last``, ``compile``,
-        ``compile_options`` (see :func:`multidiff.performance.apply_performance_options`)."""
-        path = Path(path)
+        the list of them when missing or unknown). ``lora``: saved LoRA adapters (a RUN/model of a
+        ``lora.rank`` run, or a list of them, stacked) loaded on top, each at its ``lora_scale`` (one
+        number for all, or one each; 0 gives the base model exactly). ``performance``: ``channels_last``,
+        ``compile``, ``compile_options`` (see :func:`multidiff.performance.apply_performance_options`)."""
+        path = Path(path).expanduser()
+        loras, scales = lora_arguments(lora, lora_scale)
         cfg, load_weights, stage_dir = _read_model(path)
         parts = build_parts(cfg, source=str(path), trusted=trusted_targets, stage_dir=stage_dir, modality=modality)
         load_weights(parts)
+        _add_loras(parts.denoiser.backbone, loras, scales)
         return cls(parts, config=cfg, source=str(path), device=device, **performance)
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -630,6 +700,22 @@ def decode_samples(stage: LatentStage | None, adapter, z: Tensor, data_shape, *,
     return [adapter.decode(item) for item in x]
 
 
+def lora_arguments(lora, lora_scale) -> tuple[list[str], list[float]]:
+    """``lora`` (a path, a list or none) and ``lora_scale`` (one number for all, a list, or none = 1) as
+    two lists of one length, or a :class:`ModelLoadError` that says how they must pair up."""
+    paths = [] if lora is None else [str(lora)] if isinstance(lora, str | Path) else [str(p) for p in lora]
+    if lora_scale is None:
+        scales = [1.0] * len(paths)
+    elif isinstance(lora_scale, int | float):
+        scales = [float(lora_scale)] * len(paths)
+    else:
+        scales = [float(s) for s in lora_scale]
+    if len(scales) != len(paths):
+        raise ModelLoadError(f"lora_scale={list(scales)} gives {len(scales)} scale(s) for {len(paths)} LoRA(s): give one "
+                             "number for all or one per lora= entry")
+    return paths, scales
+
+
 def _check_options(prompts, num_samples, steps, guidance_scale, batch_size) -> None:
     if not prompts:
         raise GenerationError("no prompts given: pass prompt=... or prompts_file=FILE")
@@ -668,8 +754,9 @@ class _StepReporter:
 
 
 def load(path: str | Path, *, device: str | None = None, trusted_targets=(), modality: str | None = None,
+         lora: str | list | None = None, lora_scale: float | list | None = None,
          channels_last: bool = False, compile: bool = False, compile_options: dict | None = None) -> Pipeline:
-    """Load an exported model directory or a ``.ckpt`` as a :class:`Pipeline`.
+    """Load an exported model directory, a ``.ckpt`` or a diffusers pipeline directory as a :class:`Pipeline`.
 
     ``modality``: for a model of several modalities (``multidiff.load(DIR, modality="audio")``),
     the one to generate; :func:`modalities` lists them.
@@ -677,10 +764,12 @@ def load(path: str | Path, *, device: str | None = None, trusted_targets=(), mod
     ``trusted_targets``: module prefixes (e.g. ``["my_package."]``) whose ``_target_``s the model's
     config may instantiate besides ``multidiff.``; for models of modalities from your own package.
     ``channels_last`` / ``compile`` (+ ``compile_options`` for ``torch.compile``): speed options for
-    the backbone, off by default (:mod:`multidiff.performance`).
+    the backbone, off by default (:mod:`multidiff.performance`). ``lora`` / ``lora_scale``: LoRA
+    adapters loaded on top, stacked, each at its scale (see :meth:`Pipeline.load`).
     """
-    return Pipeline.load(path, device=device, trusted_targets=trusted_targets, modality=modality,
-                         channels_last=channels_last, compile=compile, compile_options=compile_options)
+    return Pipeline.load(path, device=device, trusted_targets=trusted_targets, modality=modality, lora=lora,
+                         lora_scale=lora_scale, channels_last=channels_last, compile=compile,
+                         compile_options=compile_options)
 
 
 def modalities(path: str | Path) -> list[str]:

@@ -21,8 +21,8 @@ ALLOWED = {
     "autoencoders": ({"core", "autoencoders", "atomic"}, None),
     "datasets": ({"core", "adapters", "datasets"}, None),
     "evaluation": ({"core", "adapters", "datasets", "evaluation"}, None),
-    # reads a diffusers directory's JSON into a config of multidiff targets; builds nothing itself
-    "pretrained": ({"pretrained"}, {"json", "collections", "dataclasses", "pathlib", "omegaconf", "__future__"}),
+    # diffusers directories in (JSON into a config of multidiff targets) and out (a model's parts saved by diffusers)
+    "pretrained": ({"pretrained", "core", "atomic"}, None),
     "training": ({"core", "conditioning", "backbones", "adapters", "datasets", "pipeline", "configuration", "performance",
                   "options", "training"}, None),
     # the page: presentation over the CLI's request service (cli/ stays free of media types)

@@ -64,6 +64,10 @@ class GenerateOptions(Options):
     """with init: the share of the steps run from the noised input, 0..1 (null: 1 with a region, 0.6 without)."""
     harmonize: int = 0
     """with a region: resampling passes per step for better seams (each costs one more model call)."""
+    lora: list[str] | str | None = None
+    """LoRA adapters loaded on top of the model: a lora.rank run's RUN/model, or a list of them (stacked)."""
+    lora_scale: list[float] | float | None = None
+    """each LoRA's scale: one number for all or one each (null: 1; 0 gives the base model exactly)."""
     options: dict = field(default_factory=dict)
     """the model's own generation options (name=value lands here; generate model=DIR --help lists them)."""
     verbose: bool = False
@@ -203,7 +207,8 @@ def run(cfg: DictConfig) -> list[Path]:
     except ValueError as e:
         raise ConfigError(with_own_keys(str(e))) from None
     pipe = Pipeline.load(opts.model, device=opts.device, trusted_targets=opts.trusted_targets, modality=opts.modality,
-                         channels_last=opts.channels_last, compile=opts.compile, compile_options=opts.compile_options or None)
+                         lora=opts.lora, lora_scale=opts.lora_scale, channels_last=opts.channels_last,
+                         compile=opts.compile, compile_options=opts.compile_options or None)
     try:
         samples = pipe.generate(
             prompts, num_samples=opts.num_samples, seed=opts.seed, sampler=sampler, sampler_name=cfg.sampler.name,

@@ -74,13 +74,13 @@ def train_help(cfg: DictConfig, choices: dict[str, str], extra_dirs: list[Path] 
     """``multidiff train [overrides] --help``: every option, with the values of this composition."""
     from multidiff.cli.train import RunOptions, group_key_rows
     from multidiff.training.autoencoder import ReconstructionOptions
-    from multidiff.training.options import TrainingOptions
+    from multidiff.training.options import LoraOptions, TrainingOptions
 
     recipe = choices.get(f"{RECIPE_GROUP}@_global_")
     lines = [USAGE["train"], "", ABOUT["train"], "",
              f"options (key=value; type, value{' with recipe ' + recipe if recipe else ''}, meaning):"]
-    lines += option_table([*RunOptions.describe(), *TrainingOptions.describe(), *ReconstructionOptions.describe(),
-                           *group_key_rows()], cfg)
+    lines += option_table([*RunOptions.describe(), *TrainingOptions.describe(), *LoraOptions.describe(),
+                           *ReconstructionOptions.describe(), *group_key_rows()], cfg)
     lines += ["", "config groups (group=option; * = chosen):",
               "  " + f"{'recipe':<12}  " + ", ".join(r + ("*" if r == recipe else "") for r in available(RECIPE_GROUP, extra_dirs))
               + "   (multidiff recipes describes each)"]
@@ -188,11 +188,12 @@ def _md_rows(rows: Iterable[OptionRow]) -> list[str]:
 def reference() -> str:
     """The whole option reference as Markdown (``docs/options.md``), from the schemas alone."""
     from multidiff.cli.compose import compose
+    from multidiff.cli.export import ExportOptions
     from multidiff.cli.generate import GenerateOptions
     from multidiff.cli.serve import ServeOptions
     from multidiff.cli.train import RunOptions, group_key_rows
     from multidiff.training.autoencoder import ReconstructionOptions
-    from multidiff.training.options import TrainingOptions
+    from multidiff.training.options import LoraOptions, TrainingOptions
 
     lines = ["# Option reference", "",
              "Generated from the option schemas by `python -m multidiff.cli.help > docs/options.md`; a test fails when",
@@ -201,6 +202,7 @@ def reference() -> str:
              "## multidiff train", "", "Top-level keys (`conf/train.yaml`):", ""]
     lines += _md_rows(RunOptions.describe())
     lines += ["", "Training options (`training.*`):", ""] + _md_rows(TrainingOptions.describe())
+    lines += ["", "LoRA fine-tuning (`lora.*`, with `init_from`; docs/pretrained.md):", ""] + _md_rows(LoraOptions.describe())
     lines += ["", "Autoencoder training (`reconstruction.*`, read with `task=autoencoder`):", ""]
     lines += _md_rows(ReconstructionOptions.describe())
     lines += ["", "Keys of config groups that a run checks before it starts (the defaults are those of the default",
@@ -222,6 +224,8 @@ def reference() -> str:
     lines += ["", "## multidiff serve", "", "Keys (`conf/serve.yaml`; `docs/serve.md` describes the page):", ""]
     lines += _md_rows(ServeOptions.describe())
     lines += ["", "Config groups: `sampler` (the page's first choice; the page offers every one)."]
+    lines += ["", "## multidiff export", "", "Keys (`conf/export.yaml`; a plain export, LoRA merged):", ""]
+    lines += _md_rows(ExportOptions.describe())
     return "\n".join(lines) + "\n"
 
 

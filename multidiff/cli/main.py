@@ -13,6 +13,7 @@ commands:
   serve      a web page for one: multidiff serve model=runs/digits/model   (then open http://127.0.0.1:7860)
   prepare    encode a recipe's data once into shards: multidiff prepare recipe=image_digits out=shards/digits
              (then: multidiff train recipe=image_digits data=streaming data.path=shards/digits)
+  export     a model again as a plain export, LoRA merged: multidiff export model=BASE lora=RUN/model out=merged/
   recipes    one line per recipe (what it trains, its time on a 2-core CPU, its measured quality)
 
 multidiff COMMAND --help lists every option of the command with its type, default and meaning
@@ -21,12 +22,13 @@ multidiff COMMAND --help lists every option of the command with its type, defaul
 hydra.searchpath=[file:///path/to/conf].
 """
 
-COMMANDS = ("train", "generate", "serve", "recipes", "prepare")
+COMMANDS = ("train", "generate", "serve", "recipes", "prepare", "export")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from multidiff.autoencoders.base import AutoencoderError
     from multidiff.backbones.base import BackboneShapeError
+    from multidiff.backbones.lora import LoraError
     from multidiff.backbones.unet3d import InflationError
     from multidiff.cli.compose import ConfigError
     from multidiff.cli.train import TrainingStopped
@@ -36,7 +38,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from multidiff.pipeline import GenerationError, ModelLoadError
 
     return (ConfigError, ConditioningError, UnsafeConfigError, DatasetError, GenerationError, ModelLoadError,
-            TrainingStopped, BackboneShapeError, InflationError, AutoencoderError)
+            TrainingStopped, BackboneShapeError, InflationError, AutoencoderError, LoraError)
 
 
 def _user_error(e: BaseException) -> str | None:
@@ -75,6 +77,15 @@ def _help(command: str, args: list[str]) -> int:
         return 0
     if command == "recipes":
         print(recipes_listing(extra))
+        return 0
+    if command == "export":
+        from multidiff.cli.export import ExportOptions
+        from multidiff.cli.help import option_table
+
+        print("usage: multidiff export model=DIR out=DIR [lora=PATH|[A,B]] [lora_scale=S|[S1,S2]]\n\n"
+              "Writes the model again as a plain multidiff export, any LoRA adapters merged into its weights at "
+              "their scales (docs/pretrained.md).\n\noptions (key=value; type, default, meaning):\n"
+              + "\n".join(option_table(ExportOptions.describe())))
         return 0
     try:
         if command == "generate":
@@ -148,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             from multidiff.cli.train import run
         elif command == "serve":
             from multidiff.cli.serve import run
+        elif command == "export":
+            from multidiff.cli.export import run
         else:
             from multidiff.cli.generate import run
         run(cfg)

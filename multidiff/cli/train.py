@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from multidiff.autoencoders.base import Identity
 from multidiff.cli.compose import ConfigError
@@ -18,7 +18,7 @@ from multidiff.configuration import check_config, safe_instantiate, trusted_pref
 from multidiff.multimodal import ModalityError, check_modalities, entry_config, modality_names
 from multidiff.multimodal import weights as modality_weights
 from multidiff.options import OptionRow, Options
-from multidiff.training.options import OptionError, TrainingOptions
+from multidiff.training.options import LoraOptions, OptionError, TrainingOptions
 
 log = logging.getLogger("multidiff.train")
 
@@ -48,6 +48,8 @@ class RunOptions(Options):
     """module prefixes beyond multidiff. whose _target_s the config may build, e.g. [my_package.]."""
     preview_prompts: list[str] = field(default_factory=list)
     """prompts the sample previews draw during training (recipes set them)."""
+    init_from: str | None = None
+    """a diffusers pipeline directory or an exported model to start from: its model and weights replace the recipe's."""
     resume: str | None = None
     """null (a fresh run), auto (the newest checkpoint in run_dir) or a .ckpt path."""
     verbose: bool = False
@@ -109,9 +111,40 @@ def read_options(cfg: DictConfig) -> TrainingOptions:
             raise ConfigError(f"{key}={value!r} is invalid: it must be {what}")
     try:
         RunOptions.from_mapping(cfg, only_known=True)
-        return TrainingOptions.from_config(cfg.get("training"))
+        lora = LoraOptions.from_mapping(cfg.get("lora"))
+        options = TrainingOptions.from_config(cfg.get("training"))
     except OptionError as e:
         raise ConfigError(str(e)) from None
+    if lora.rank and not cfg.get("init_from"):
+        raise ConfigError(f"lora.rank={lora.rank} fine-tunes a trained model with adapters, but there is none to start "
+                          "from: set init_from=DIR (a diffusers pipeline directory or an exported model, RUN/model), "
+                          "or lora.rank=0 to train every weight")
+    if lora.rank and modality_names(cfg):
+        raise ConfigError("lora.rank > 0 is not supported for a model of several modalities yet; set lora.rank=0")
+    return options
+
+
+def apply_init_from(cfg: DictConfig) -> None:
+    """``init_from=DIR``: the model keys of ``cfg`` (modality, autoencoder, backbone, diffusion, the text
+    encoder) become those of the model in DIR (a diffusers pipeline directory, an export or a
+    checkpoint); the recipe keeps its data, prompts and training settings. The weights load in
+    :func:`build_diffusion`. Nothing changes without ``init_from``."""
+    source = cfg.get("init_from")
+    if not source:
+        return
+    from multidiff.pipeline import ModelLoadError, read_model_config
+
+    try:
+        model = read_model_config(Path(str(source)).expanduser())
+    except ModelLoadError as e:
+        raise ConfigError(f"init_from={source}: {e}") from None
+    if modality_names(model) or modality_names(cfg):
+        raise ConfigError("init_from is not supported for models of several modalities yet")
+    with open_dict(cfg):
+        for key in ("modality", "autoencoder", "backbone", "diffusion"):
+            cfg[key] = model.get(key)
+        cfg.conditioning.encoder = model.conditioning.encoder
+        cfg.conditioning.dim = model.conditioning.dim
 
 
 def preflight(cfg: DictConfig) -> TrainingOptions:
@@ -203,7 +236,15 @@ def build_diffusion(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
     if modality_names(cfg):
         return build_modalities(cfg, run_dir, options)
     make = partial(safe_instantiate, trusted=trusted_prefixes(cfg), source="train config")
-    parts = build_parts(cfg, source="train config")
+    if cfg.get("init_from"):  # the source's weights (and its saved latent stage) on the model it describes
+        from multidiff.pipeline import ModelLoadError, build_from
+
+        try:
+            parts = build_from(cfg, cfg.init_from)
+        except ModelLoadError as e:
+            raise ConfigError(f"init_from={cfg.init_from}: {e}") from None
+    else:
+        parts = build_parts(cfg, source="train config")
     try:
         options.check_batch(cfg.data.batch_size, tuple(parts.adapter.shape))
     except OptionError as e:
@@ -212,6 +253,15 @@ def build_diffusion(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
     editing = cfg.get("editing") or {}
     if editing.get("init_from"):
         extend_model(parts.denoiser.backbone, editing.init_from)
+    lora = LoraOptions.from_mapping(cfg.get("lora"))
+    if lora.rank:  # after the weights: the adapters start at zero on top of them
+        from multidiff.backbones.lora import LoraError, add_lora
+
+        try:
+            add_lora(parts.denoiser.backbone, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                     target_modules=lora.target_modules)
+        except LoraError as e:
+            raise ConfigError(str(e)) from None
     masked = bool(getattr(parts.denoiser.backbone, "concat_channels", 0))
     if cfg.data.get("streaming"):  # pre-encoded shards (multidiff prepare): checked against this model first
         from multidiff.datasets.shards import ready_for_training
@@ -510,6 +560,7 @@ def check_resume_matches(path: str | Path, state: dict, module) -> None:
 
 def run(cfg: DictConfig) -> Path:
     """Train and export; returns the run directory."""
+    apply_init_from(cfg)
     options = preflight(cfg)
     previous = os.environ.get(RUN_DIR_ENV)  # set by a launcher when this is a distributed worker
     run_dir = resolve_run_dir(cfg)
@@ -530,7 +581,7 @@ def _train(cfg: DictConfig, run_dir: Path, options: TrainingOptions) -> Path:
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from multidiff.pipeline import export_model
+    from multidiff.pipeline import export_lora, export_model
     from multidiff.training.faults import LastCheckpoint, NonFiniteLossError, save_full_checkpoint
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -568,6 +619,8 @@ def _train(cfg: DictConfig, run_dir: Path, options: TrainingOptions) -> Path:
     if trainer.is_global_zero:
         if cfg.get("task", "diffusion") == "autoencoder":
             out = _export_autoencoder(cfg, run_dir, parts, module, datamodule, trainer)
+        elif LoraOptions.from_mapping(cfg.get("lora")).rank:  # the adapters alone, on top of init_from
+            out = export_lora(run_dir / "model", module.ema.backbone, base=str(cfg.init_from))
         else:
             out = export_model(run_dir / "model", cfg, module.ema.backbone, stage=module.stage)
         log.info("exported model to %s", out)

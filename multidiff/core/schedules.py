@@ -71,6 +71,7 @@ class VPSchedule:
         if not shift > 0:
             raise ValueError(f"schedule shift must be > 0 (1 = no shift), got {shift!r}")
         betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        self.beta_schedule, self.beta_start, self.beta_end = beta_schedule, float(beta_start), float(beta_end)
         abar = torch.cumprod(1 - betas, dim=0)
         sig = ((1 - abar) / abar).sqrt() * float(shift)
         self.alphas_cumprod = 1 / (1 + sig**2)  # of the shifted table (unchanged at shift 1)

@@ -10,9 +10,10 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """``ema <- decay * ema + (1 - decay) * model`` for parameters; buffers are copied."""
-    ema_params = list(ema.parameters())
-    if ema_params:  # torch's public EMA step: one fused (foreach) lerp over all parameters
-        get_ema_multi_avg_fn(decay)(ema_params, [p.detach() for p in model.parameters()], None)
+    # trained parameters only: a frozen one (the base under LoRA adapters) equals its average already
+    pairs = [(e, m.detach()) for e, m in zip(ema.parameters(), model.parameters()) if m.requires_grad]
+    if pairs:  # torch's public EMA step: one fused (foreach) lerp over all parameters
+        get_ema_multi_avg_fn(decay)([e for e, _ in pairs], [m for _, m in pairs], None)
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
 

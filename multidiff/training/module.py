@@ -215,7 +215,9 @@ class DiffusionModule(L.LightningModule):
         ema_update(self.ema, self.denoiser, ema_decay(self.global_step + 1, self.options.ema_decay))
 
     def configure_optimizers(self):
-        return optimizers(self.denoiser.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
+        # frozen weights (the base model under LoRA adapters) stay out of the optimizer
+        return optimizers([p for p in self.denoiser.parameters() if p.requires_grad], self.optimizer_factory,
+                          self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["multidiff_skipped_steps"] = self.skipped_steps

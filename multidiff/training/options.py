@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from multidiff.options import OptionError, Options
 
-__all__ = ["OptionError", "TrainingOptions"]
+__all__ = ["LoraOptions", "OptionError", "TrainingOptions"]
 
 SIGNALS = ("SIGTERM", "SIGINT", "SIGKILL", "SIGUSR1")
 
@@ -94,3 +94,27 @@ class TrainingOptions(Options):
                 f"(axes 1..{len(shape) - 1} follow the channels): set training.slice_dim to one of them, or "
                 "training.slice_items=0"
             )
+
+
+@dataclass(frozen=True)
+class LoraOptions(Options):
+    """What ``lora.*`` may hold: LoRA fine-tuning of the backbone's attention through peft (docs/pretrained.md)."""
+
+    PREFIX = "lora."
+    WHERE = "conf/train.yaml explains each"
+
+    rank: int = 0
+    """rank of the low-rank adapters; 0 = off (every weight trains). Needs init_from (the model they adapt)."""
+    alpha: float | None = None
+    """the adapters' output is scaled by alpha / rank (null: alpha = rank, a scale of 1)."""
+    dropout: float = 0.0
+    """dropout on the adapters' input, in [0, 1)."""
+    target_modules: list[str] | None = None
+    """names of the linear layers to adapt (null: every attention projection of the backbone)."""
+
+    def rules(self):
+        return [
+            ("rank", self.rank >= 0, "a whole number >= 0 (0 = off)"),
+            ("alpha", self.alpha is None or self.alpha > 0, "a number > 0 or null"),
+            ("dropout", 0 <= self.dropout < 1, "a number in [0, 1)"),
+        ]

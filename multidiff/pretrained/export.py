@@ -1,0 +1,107 @@
+"""A multidiff model written as a diffusers pipeline directory that ``DiffusionPipeline.from_pretrained``
+loads and runs (the reverse of :mod:`multidiff.pretrained.pipelines`).
+
+Every part must have a diffusers counterpart that computes the same function, or the export is
+refused naming the part: today that is a Stable Diffusion layout, i.e. an image model with an
+``AutoencoderKL`` stage (global latent scale, no shift), a plain conditional diffusers UNet (no
+coordinate channels, class labels, pooled-prompt path or mask channels), a VP schedule with an eps,
+v or x0 parameterization, and a CLIP text encoder used as Stable Diffusion uses it
+(``padding=keep``, the tokenizer's own length). An imported pipeline, fully fine-tuned or with its
+LoRA merged, exports; the embedded-data models (pixel space, MiniLM with masked padding) do not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from multidiff.pretrained.pipelines import PretrainedError
+
+_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+_BETAS = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+def _unet(backbone):
+    """The diffusers ``UNet2DConditionModel`` inside a multidiff backbone, or why it has no counterpart."""
+    from diffusers import UNet2DConditionModel
+
+    unet = getattr(backbone, "unet", None)
+    if not isinstance(unet, UNet2DConditionModel):
+        return None, f"the backbone is a {type(backbone).__name__}, not a diffusers UNet2DConditionModel"
+    extras = [name for name, value in (("coordinate channels (coord_axes)", getattr(backbone, "coord_axes", ())),
+                                       ("class labels (num_classes)", getattr(backbone, "num_classes", None)),
+                                       ("a pooled-prompt path (pooled_dim)", getattr(backbone, "pooled_dim", None)),
+                                       ("mask channels (concat_channels)", getattr(backbone, "concat_channels", 0)))
+              if value]
+    if extras:
+        return None, f"the backbone's UNet has {', '.join(extras)}, which StableDiffusionPipeline does not feed"
+    return unet, None
+
+
+def diffusers_problems(pipe) -> list[str]:
+    """What keeps ``pipe`` (a :class:`~multidiff.pipeline.Pipeline`) from being a StableDiffusionPipeline; [] if nothing."""
+    from multidiff.core.denoiser import _VPTimestep
+    from multidiff.core.schedules import VPSchedule
+
+    problems = []
+    if getattr(pipe, "modality", None) is not None:
+        problems.append("it is one modality of a model of several")
+    if len(pipe.adapter.shape) != 3:
+        problems.append(f"its items are {tuple(pipe.adapter.shape)}, not images (C, H, W)")
+    model = getattr(pipe.stage, "model", None)
+    if type(model).__name__ != "AutoencoderKL" or getattr(pipe.stage, "per_frame", False):
+        problems.append("its latent stage is not a diffusers AutoencoderKL (autoencoder=diffusers with a Stable "
+                        "Diffusion VAE); a pixel-space model has no VAE for the pipeline")
+    elif bool((pipe.stage.latent_shift != 0).any()) or pipe.stage.latent_scale.unique().numel() != 1:
+        problems.append("its latent normalization has a shift or per-channel scales, where the pipeline has one "
+                        "scaling_factor")
+    problems += [p for p in [_unet(pipe.denoiser.backbone)[1]] if p]
+    param, schedule = pipe.denoiser.parameterization, pipe.schedule
+    if not isinstance(param, _VPTimestep) or not isinstance(schedule, VPSchedule):
+        problems.append(f"its process ({type(param).__name__}, {type(schedule).__name__}) is not a VP schedule with "
+                        "eps, v or x0 prediction, which diffusers' DDIM scheduler runs")
+    elif schedule.shift != 1.0:
+        problems.append("its VP schedule is shifted (diffusion.schedule.shift != 1), which no diffusers scheduler has")
+    elif schedule.spacing == "karras":
+        problems.append("its VP schedule samples a Karras grid, which diffusers' DDIM scheduler does not")
+    cond = pipe.conditioner
+    text = getattr(cond, "model", None)
+    if type(text).__name__ != "CLIPTextModel":
+        problems.append(f"its text encoder is a {type(text).__name__}, not the CLIPTextModel the pipeline calls")
+    elif getattr(cond, "padding", "mask") != "keep" or cond.max_length != int(cond.tokenizer.model_max_length):
+        problems.append("its text encoder masks padding (conditioning.encoder.padding=mask) or keeps another length "
+                        "than the tokenizer's, where the pipeline encodes model_max_length tokens unmasked")
+    return problems
+
+
+def export_diffusers(pipe, out: str | Path) -> Path:
+    """Write ``pipe`` as a StableDiffusionPipeline directory in ``out`` (atomically; a scheduler
+    config for DDIM with the model's betas, spacing and prediction type), or raise
+    :class:`PretrainedError` naming every part without a diffusers counterpart."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from multidiff.atomic import replace_directory
+
+    problems = diffusers_problems(pipe)
+    if problems:
+        raise PretrainedError("this model cannot be written as a diffusers StableDiffusionPipeline: "
+                              + "; ".join(problems) + ". Export it as a multidiff model instead (format=multidiff)")
+    schedule, param = pipe.schedule, pipe.denoiser.parameterization
+    scheduler = DDIMScheduler(
+        num_train_timesteps=schedule.num_train_timesteps, beta_schedule=_BETAS[schedule.beta_schedule],
+        beta_start=schedule.beta_start, beta_end=schedule.beta_end, prediction_type=_PREDICTION[param.prediction],
+        timestep_spacing=schedule.spacing, steps_offset=schedule.steps_offset,
+        clip_sample=False, set_alpha_to_one=True)
+    vae = pipe.stage.model
+    vae.register_to_config(scaling_factor=float(pipe.stage.latent_scale[0]))
+    unet, _ = _unet(pipe.denoiser.backbone)
+    sd = StableDiffusionPipeline(vae=vae, text_encoder=pipe.conditioner.model, tokenizer=pipe.conditioner.tokenizer,
+                                 unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                 requires_safety_checker=False)
+
+    def fill(tmp: Path) -> None:
+        with torch.no_grad():
+            sd.save_pretrained(str(tmp), safe_serialization=True)
+
+    return replace_directory(Path(out), fill)
