@@ -242,3 +242,18 @@ def test_export_options_agree_with_conf_export_yaml_and_scales_pair_with_loras(s
         lora_arguments(["a", "b"], [1.0])
     proc = multidiff_cli("export", "--help")
     assert "format" in proc.stdout and "lora_scale" in proc.stdout
+
+
+def test_shards_prepared_for_an_imported_pipeline_stream_into_its_lora_run(sd_dir, tmp_path, data_root):
+    import json
+
+    shards = tmp_path / "shards"
+    multidiff_cli("prepare", "recipe=image_digits", f"init_from={sd_dir}", f"out={shards}", f"data_root={data_root}",
+                  "chunk_items=512")
+    manifest = json.loads((shards / "multidiff_manifest.json").read_text())
+    assert manifest["key"] == "z" and list(manifest["item_shape"]) == [4, 8, 8]  # the pipeline's VAE latents
+    run = tmp_path / "run"
+    steps = [o for o in LORA_RUN if not o.startswith(("trainer.max_steps", "callbacks.checkpoint"))]
+    multidiff_cli("train", *steps, "trainer.max_steps=2", f"init_from={sd_dir}", "data=streaming", f"data.path={shards}",
+                  "data.num_workers=0", f"run_dir={run}", f"data_root={data_root}")
+    assert (run / "model" / "lora.safetensors").is_file()

@@ -63,11 +63,11 @@ def split_options(overrides: list[str]) -> tuple[PrepareOptions, list[str]]:
 def run(cfg: DictConfig, options: PrepareOptions) -> Path:
     """Write the shards of the composed recipe ``cfg`` to ``options.out``; returns the folder."""
     from multidiff.cli.compose import ConfigError
-    from multidiff.cli.train import read_options
+    from multidiff.cli.train import apply_init_from, read_options
     from multidiff.configuration import check_config, safe_instantiate, trusted_prefixes
     from multidiff.datasets.shards import prepare_shards
     from multidiff.multimodal import entry_config, modality_names
-    from multidiff.pipeline import build_modality_parts, build_parts
+    from multidiff.pipeline import build_from, build_modality_parts, build_parts
 
     if not options.out:
         raise ConfigError("multidiff prepare needs out=DIR: the folder the shards are written to "
@@ -75,6 +75,7 @@ def run(cfg: DictConfig, options: PrepareOptions) -> Path:
     if cfg.get("task", "diffusion") != "diffusion":
         raise ConfigError("multidiff prepare encodes the data of a diffusion recipe (task=diffusion); an autoencoder "
                           "trains on the data itself")
+    apply_init_from(cfg)  # the model the shards are for: init_from's encoder and autoencoder, as training uses
     read_options(cfg)
     if cfg.get("data") is not None and cfg.data.get("streaming"):
         raise ConfigError("data=streaming reads shards that are already prepared; prepare from the recipe's own data")
@@ -88,7 +89,7 @@ def run(cfg: DictConfig, options: PrepareOptions) -> Path:
         conditioner = next(iter(parts.values())).conditioner
         jobs = [(name, entry_config(cfg, name), parts[name], out / name) for name in names]
     else:
-        parts = build_parts(cfg, source="train config")
+        parts = build_from(cfg, cfg.init_from) if cfg.get("init_from") else build_parts(cfg, source="train config")
         conditioner = parts.conditioner
         jobs = [(None, cfg, parts, out)]
     manifests = {}
