@@ -36,6 +36,7 @@ from multidiff.backbones.lora import (
     add_lora,
     has_lora,
     load_lora,
+    lora_info,
     merge_lora,
     read_lora,
     save_lora,
@@ -316,8 +317,6 @@ def build_from(cfg: DictConfig, source: str | Path) -> ModelParts:
 def export_lora(directory: str | Path, backbone, *, base: str) -> Path:
     """Write a LoRA run's adapters alone (atomically): ``lora.safetensors``, ``lora.json`` (rank, alpha,
     targets, ``base``: the model they were trained on, resolved) and the ``multidiff.json`` marker."""
-    from multidiff.backbones.lora import lora_info
-
     info = lora_info(backbone)
     base = str(Path(base).expanduser().resolve())
     return replace_directory(directory, lambda tmp: save_lora(tmp, backbone, base=base, **info))
@@ -455,17 +454,15 @@ class Pipeline:
             raise GenerationError(str(e)) from None
         flat = [p for p in prompts for _ in range(num_samples)]
         seeds = [seed + k for k in range(len(flat))]
-        steps_run = len(sigmas if edit is None else variation_sigmas(sigmas, edit.strength)) - 1
-        bar = _progress(progress, total=math.ceil(len(flat) / batch_size) * steps_run)
-        outputs = []
         latent_shape = tuple(self.stage.latent_shape(data_shape))
         if noise is not None and tuple(noise.shape) != (len(flat), *latent_shape):
-            if bar is not None:
-                bar.close()
             space = "shape" if self.stage.is_identity else "latent shape"
             raise GenerationError(
                 f"noise has shape {tuple(noise.shape)} but {len(flat)} samples of this model start from "
                 f"{(len(flat), *latent_shape)} (prompts x num_samples, then the model's {space} for these options)")
+        steps_run = len(sigmas if edit is None else variation_sigmas(sigmas, edit.strength)) - 1
+        bar = _progress(progress, total=math.ceil(len(flat) / batch_size) * steps_run)
+        outputs = []
         latent_edit = None if edit is None else self.latent_edit(edit)
         for start in range(0, len(flat), batch_size):
             chunk, chunk_seeds = flat[start : start + batch_size], seeds[start : start + batch_size]

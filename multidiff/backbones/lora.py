@@ -161,7 +161,7 @@ def load_lora(backbone: nn.Module, directory: str | Path, *, name: str, scale: f
         raise LoraError(f"the LoRA in {directory} was trained on a {info.get('backbone')}, not on this model's "
                         f"{type(backbone).__name__}; load it on top of the model it was trained from ({info.get('base')})")
     add_lora(backbone, rank=int(info["rank"]), alpha=info["alpha"], target_modules=info["target_modules"], name=name)
-    state = {k: v for k, v in load_file(directory / WEIGHTS).items()}
+    state = load_file(directory / WEIGHTS)
     own = {k.replace(f".{name}.", ".", 1): k for k in backbone.state_dict() if _is_lora(k) and f".{name}." in k}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
