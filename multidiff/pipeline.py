@@ -207,18 +207,55 @@ def mask_conditioning_arguments(cfg: DictConfig, latent_shape: tuple[int, ...]) 
     return {"concat_channels": 1 + int(latent_shape[0])}
 
 
-def export_model(directory: str | Path, cfg: DictConfig, backbone, stage: LatentStage | None = None) -> Path:
+# Keys of a model config that name a folder the export holds a copy of: written relative to the
+# export (so it can move) and read back as paths inside it.
+OWN_FOLDERS = {"backbone.path": "backbone", "autoencoder.path": "autoencoder/diffusers",
+               "conditioning.encoder.encoder": "text_encoder"}
+
+
+def export_model(directory: str | Path, cfg: DictConfig, backbone, stage: LatentStage | None = None,
+                 conditioner=None) -> Path:
     """Write an exported model (atomically): marker, resolved model config, backbone weights and,
-    unless it is the identity, the latent stage (weights and latent scale) under ``autoencoder/``."""
+    unless it is the identity, the latent stage (weights and latent scale) under ``autoencoder/``.
+
+    The export stands alone: where the config names folders outside it (an imported pipeline's
+    ``unet/`` or ``transformer/`` and ``vae/``, a local text encoder), it points at its own copies
+    instead (:data:`OWN_FOLDERS`): the backbone's diffusers layout in ``backbone/``, the stage's
+    network in ``autoencoder/diffusers/`` and, given the ``conditioner`` of a local text encoder, its
+    tokenizer and weights in ``text_encoder/``. The packaged default encoder is not copied."""
+    model_cfg = model_config(cfg)
 
     def fill(tmp: Path) -> None:
         backbone.save_pretrained(tmp / "backbone")
         if stage is not None and not stage.is_identity:
             stage.save_pretrained(tmp / "autoencoder")
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(model_config(cfg)), encoding="utf-8")
+        own = {}
+        if OmegaConf.select(model_cfg, "backbone.path") and (tmp / "backbone" / "config.json").is_file():
+            own["backbone.path"] = "backbone"
+        if OmegaConf.select(model_cfg, "autoencoder.path") and (tmp / "autoencoder" / "diffusers").is_dir():
+            own["autoencoder.path"] = "autoencoder/diffusers"
+        source = OmegaConf.select(model_cfg, "conditioning.encoder.encoder")
+        if conditioner is not None and source and Path(str(source)).expanduser().is_dir() \
+                and hasattr(conditioner, "tokenizer"):
+            conditioner.tokenizer.save_pretrained(str(tmp / "text_encoder"))
+            conditioner.model.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
+            own["conditioning.encoder.encoder"] = "text_encoder"
+            model_cfg.conditioning.encoder.tokenizer_subfolder = None
+            model_cfg.conditioning.encoder.encoder_subfolder = None
+        for key, folder in own.items():
+            OmegaConf.update(model_cfg, key, folder, merge=False)
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(model_cfg), encoding="utf-8")
         (tmp / "multidiff.json").write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION}), encoding="utf-8")
 
     return replace_directory(directory, fill)
+
+
+def _own_folders(cfg: DictConfig, path: Path) -> DictConfig:
+    """An export's config with :data:`OWN_FOLDERS` written relative to it made paths inside ``path``."""
+    for key, folder in OWN_FOLDERS.items():
+        if OmegaConf.select(cfg, key) == folder:
+            OmegaConf.update(cfg, key, str(path.resolve() / folder), merge=False)
+    return cfg
 
 
 def _read_model(path: Path) -> tuple[DictConfig, callable, Path | None]:
@@ -247,7 +284,7 @@ def _read_model(path: Path) -> tuple[DictConfig, callable, Path | None]:
                                  f"train a latent model with it (autoencoder=trained autoencoder.path={path}) and load that")
         if info.get("format") != FORMAT:
             raise ModelLoadError(f"{marker} does not describe a multidiff model (format={info.get('format')!r})")
-        cfg = _upgrade(OmegaConf.load(path / "config.yaml"))
+        cfg = _own_folders(_upgrade(OmegaConf.load(path / "config.yaml")), path)
         stage_dir = path / "autoencoder"
         return (cfg, lambda parts: parts.denoiser.backbone.load_pretrained(path / "backbone"),
                 stage_dir if stage_dir.is_dir() else None)

@@ -31,7 +31,7 @@ CONFIGS = {
     "timeseries": EXAMPLE / "conf" / "modality" / "timeseries.yaml",
 }
 # a non-default value of each declared option, and what it must change in the shape to generate
-OPTION_VALUES = {"duration": 0.5, "num_frames": 5, "fps": 4.0, "length": 64}
+OPTION_VALUES = {"duration": 0.5, "num_frames": 5, "fps": 4.0, "length": 64, "height": 24, "width": 20}
 
 
 def build(name: str) -> Adapter:

@@ -47,6 +47,8 @@ def _all_keys() -> set[str]:
 # Keys that exist once a user picks an option no shipped config file selects.
 CONTEXTUAL = {
     "modality.vocoder.weights": "a ModuleVocoder's weights file: the user configures one (docs/audio.md)",
+    "conditioning.encoder.encoder_class": "set by the import of a diffusers pipeline (Wan's UMT5EncoderModel)",
+    "backbone.path": "the folder of an imported pipeline's network (PretrainedUNet2D, PretrainedWanTransformer)",
 }
 
 

@@ -64,3 +64,60 @@ def save_tiny_stable_diffusion(directory: Path, *, prediction_type: str = "epsil
 
     shutil.rmtree(Path(directory) / "_tokenizer_src")
     return Path(directory)
+
+
+def tiny_t5_tokenizer(max_length: int = 32):
+    """A T5 tokenizer (a sentencepiece-style Unigram model over single letters and ``▁``-prefixed
+    letters, ``</s>`` appended) built with the tokenizers library, as T5/UMT5 tokenizers are."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_lowercase + string.digits
+    pieces = ["▁", *chars, *".,!?'-", *("▁" + c for c in chars)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((p, -1.0 - 0.01 * i) for i, p in enumerate(pieces))]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+                           model_max_length=max_length)
+
+
+def save_tiny_wan(directory: Path, *, scheduler: str = "UniPCMultistepScheduler", shift: float = 3.0,
+                  seed: int = 0) -> Path:
+    """A WanPipeline as diffusers' own tests build it: a 2-layer WanTransformer3DModel (patch 1x2x2, 16
+    latent channels), an AutoencoderKLWan (8x spatial, 4x causal temporal compression) and a 2-layer
+    UMT5 encoder, random weights from ``seed``; ``scheduler`` FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler (flow sigmas, Wan 2.1's shipped choice) or DPMSolverMultistepScheduler
+    (flow sigmas), with ``shift``."""
+    from diffusers import (
+        AutoencoderKLWan,
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32)
+    if scheduler == "FlowMatchEulerDiscreteScheduler":
+        sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    elif scheduler == "DPMSolverMultistepScheduler":
+        sched = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    else:
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=sched)
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    return Path(directory)

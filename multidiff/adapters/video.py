@@ -292,10 +292,10 @@ class VideoAdapter(Adapter):
             x = x.mean(0, keepdim=True) if self.channels == 1 else x[:1].expand(3, -1, -1, -1)
         return x
 
-    def fit(self, x: Tensor) -> Tensor:
-        """``(C, T, h, w)`` with every frame resized (shorter side) and center-cropped to :attr:`size`:
-        the geometry of :meth:`encode`, which an editing mask follows too."""
-        th, tw = self.size
+    def fit(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """``(C, T, h, w)`` with every frame resized (shorter side) and center-cropped to ``size``
+        (default :attr:`size`): the geometry of :meth:`encode`, which an editing mask follows too."""
+        th, tw = size or self.size
         h, w = x.shape[-2:]
         if (h, w) != (th, tw):
             scale = max(th / h, tw / w)
@@ -341,7 +341,14 @@ class VideoAdapter(Adapter):
             GenerationOption("fps", float, self.fps, "playback frames per second of the written clips", minimum=0),
             GenerationOption("duration", float, None, "seconds per clip at fps, when num_frames is not given",
                              minimum=0),
+            GenerationOption("height", int, None, f"frame height in pixels (default: the model's, {self.size[0]}); "
+                             "transformers over patches and convolutional UNets take other sizes", minimum=0),
+            GenerationOption("width", int, None, f"frame width in pixels (default: the model's, {self.size[1]})",
+                             minimum=0),
         )
+
+    def _frame_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        return (self.size[0] if height is None else int(height), self.size[1] if width is None else int(width))
 
     # -- editing ---------------------------------------------------------------------------------
 
@@ -362,12 +369,13 @@ class VideoAdapter(Adapter):
         return (raw.shape[1] - 1) // self.frame_stride + 1
 
     def encode_input(self, raw: Tensor, *, num_frames: int | None = None, fps: float | None = None,
-                     duration: float | None = None, **_ignored) -> Tensor:
+                     duration: float | None = None, height: int | None = None, width: int | None = None,
+                     **_ignored) -> Tensor:
         """``(C, T_file, h, w)`` -> ``(C, T, H, W)``: every ``frame_stride``-th frame from the
         start, resized and cropped; frames past the end of the input are mid-gray (0)."""
         t, _ = self._frames_and_fps(num_frames, fps, duration)
         x = self._channels(raw)
-        x = self.fit(x[:, :: self.frame_stride][:, :t]).clamp(0, 1) * 2 - 1
+        x = self.fit(x[:, :: self.frame_stride][:, :t], self._frame_size(height, width)).clamp(0, 1) * 2 - 1
         return F.pad(x, (0, 0, 0, 0, 0, t - x.shape[1]))
 
     def keep_mask(self, shape: tuple[int, ...], *, raw: Tensor | None = None, mask: Tensor | None = None,
@@ -383,7 +391,7 @@ class VideoAdapter(Adapter):
         keep[:, available:] = 0
         if mask is not None:
             m = mask_plane(mask, tuple(raw.shape[-2:]) if raw is not None else (h, w), "a frame of the input")
-            keep = keep * (1 - (self.fit(m[:, None])[:, 0] >= 0.5).float())[:, None]
+            keep = keep * (1 - (self.fit(m[:, None], (h, w))[:, 0] >= 0.5).float())[:, None]
         if fill_frames is not None:
             keep[:, self._indices("fill_frames", fill_frames, t, t)] = 0
         if keep_frames is not None:
@@ -439,15 +447,19 @@ class VideoAdapter(Adapter):
         return num_frames, float(fps)
 
     def sample_shape(self, *, num_frames: int | None = None, fps: float | None = None,
-                     duration: float | None = None, **_ignored) -> tuple[int, ...]:
-        """``(C, T, H, W)`` for generation: ``T = num_frames``, else ``round(duration * fps)``, else the default."""
+                     duration: float | None = None, height: int | None = None, width: int | None = None,
+                     **_ignored) -> tuple[int, ...]:
+        """``(C, T, H, W)`` for generation: ``T = num_frames``, else ``round(duration * fps)``, else the
+        default; ``H, W`` = ``height``, ``width``, else the model's frame size."""
         t, _ = self._frames_and_fps(num_frames, fps, duration)
-        return (self.channels, t, *self.size)
+        return (self.channels, t, *self._frame_size(height, width))
 
     def metadata(self, *, num_frames: int | None = None, fps: float | None = None,
-                 duration: float | None = None, **_ignored) -> dict:
+                 duration: float | None = None, height: int | None = None, width: int | None = None,
+                 **_ignored) -> dict:
         t, rate = self._frames_and_fps(num_frames, fps, duration)
-        return {"num_frames": t, "fps": rate, "height": self.size[0], "width": self.size[1]}
+        h, w = self._frame_size(height, width)
+        return {"num_frames": t, "fps": rate, "height": h, "width": w}
 
     def save_options(self, *, fps: float | None = None, **_ignored) -> dict:
         """The playback fps for :meth:`save`."""

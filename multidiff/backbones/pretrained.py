@@ -1,4 +1,5 @@
-"""A published diffusers UNet (an imported pipeline's ``unet/`` folder) behind the backbone signature."""
+"""Published diffusers denoisers (an imported pipeline's ``unet/`` or ``transformer/`` folder) behind
+the backbone signature, unchanged."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -35,19 +37,8 @@ class PretrainedUNet2D(Backbone):
     def __init__(self, *, shape: Sequence[int], path: str | Path, integer_tolerance: float = 1e-2,
                  concat_channels: int = 0) -> None:
         super().__init__(shape=shape, concat_channels=concat_channels)
-        from diffusers import UNet2DConditionModel
-        from diffusers.utils import is_accelerate_available
-
-        path = Path(path)
-        config = read_unet_config(path)
-        if int(config["in_channels"]) != self.input_channels:
-            raise BackboneShapeError(
-                f"the UNet in {path} takes {config['in_channels']} input channels but this model's latents have "
-                f"{self.input_channels}: the pipeline's unet/ and vae/ do not belong together")
-        self.path, self.integer_tolerance = path, float(integer_tolerance)
-        # low_cpu_mem_usage needs accelerate; asking for it without accelerate only prints advice
-        self.unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True, use_safetensors=True,
-                                                         low_cpu_mem_usage=is_accelerate_available())
+        self.path, self.integer_tolerance = Path(path), float(integer_tolerance)
+        self.unet = load_published(self.path, "UNet2DConditionModel", "unet/", self.input_channels)
         self.cross_attention_dim = int(self.unet.config.cross_attention_dim)
 
     @property
@@ -77,14 +68,80 @@ class PretrainedUNet2D(Backbone):
         self.unet.load_state_dict(load_file(Path(directory) / self.weights_name))
 
 
-def read_unet_config(path: Path) -> dict:
-    """``path/config.json`` of a ``UNet2DConditionModel``, or a one-paragraph error."""
+class PretrainedWanTransformer(Backbone):
+    """diffusers' ``WanTransformer3DModel`` (Wan 2.1's text-to-video DiT) as saved in ``path``, unchanged.
+
+    Items are latent clips ``(C, T, H, W)``; sizes that are not a multiple of its patch are padded
+    (replicate) and cropped back. ``cond.tokens`` feed its cross-attention as they are: Wan was
+    trained attending to every position of its fixed-length text, the padding zeroed (the text
+    conditioner's ``padding=mask`` makes exactly those tokens), so ``cond.mask`` is not applied.
+    ``c_noise`` is its timestep, ``1000 t`` for flow time ``t``; with ``truncate_timesteps`` it is cut
+    to an integer as diffusers' multistep schedulers (UniPC, DPM-Solver) hand it over (int64 timesteps,
+    so 999.999 becomes 999), which the import sets where the pipeline ships one of those, for parity.
+    """
+
+    ranks = (3,)
+    weights_name = "diffusion_pytorch_model.safetensors"
+
+    def __init__(self, *, shape: Sequence[int], path: str | Path, truncate_timesteps: bool = False,
+                 concat_channels: int = 0) -> None:
+        super().__init__(shape=shape, concat_channels=concat_channels)
+        self.path, self.truncate_timesteps = Path(path), bool(truncate_timesteps)
+        self.transformer = load_published(self.path, "WanTransformer3DModel", "transformer/", self.input_channels)
+        self.text_dim = int(self.transformer.config.text_dim)
+        self.patch = tuple(int(p) for p in self.transformer.config.patch_size)
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
+        self.check_input(x)
+        dims = x.shape[2:]
+        pad = [-d % p for d, p in zip(dims, self.patch)]
+        if any(pad):
+            x = F.pad(x, [q for p in reversed(pad) for q in (0, p)], mode="replicate")
+        tokens, _ = attention_context(cond, dim=self.text_dim, like=x)
+        t = c_noise
+        if self.truncate_timesteps:  # float32 lands within ~1e-4 of an integer that diffusers computes exactly
+            t = (t.double() + 2e-4).floor()
+        out = self.transformer(hidden_states=x, timestep=t.to(x.dtype), encoder_hidden_states=tokens,
+                               return_dict=False)[0]
+        return out[(..., *(slice(0, d) for d in dims))]
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """diffusers' layout, loadable by ``WanTransformer3DModel.from_pretrained``."""
+        self.transformer.save_pretrained(str(directory), safe_serialization=True)
+
+    def load_pretrained(self, directory: str | Path) -> None:
+        self.transformer.load_state_dict(load_file(Path(directory) / self.weights_name))
+
+
+def load_published(path: Path, class_name: str, folder: str, input_channels: int):
+    """The diffusers ``class_name`` saved in ``path`` (safetensors only, nothing downloaded), after
+    checking that it takes ``input_channels`` channels (the latents of the pipeline's ``vae/``)."""
+    import diffusers
+    from diffusers.utils import is_accelerate_available
+
+    config = read_model_config(path, class_name)
+    if int(config["in_channels"]) != input_channels:
+        raise BackboneShapeError(
+            f"the {class_name} in {path} takes {config['in_channels']} input channels but this model's latents have "
+            f"{input_channels}: the pipeline's {folder} and vae/ do not belong together")
+    # low_cpu_mem_usage needs accelerate; asking for it without accelerate only prints advice
+    return getattr(diffusers, class_name).from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                          low_cpu_mem_usage=is_accelerate_available())
+
+
+def read_model_config(path: Path, class_name: str) -> dict:
+    """``path/config.json`` of a saved diffusers ``class_name``, or a one-paragraph error."""
     file = Path(path) / "config.json"
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise BackboneShapeError(f"cannot read the UNet config {file} ({e}); it must be the config.json that "
-                                 "diffusers' UNet2DConditionModel.save_pretrained writes") from None
-    if config.get("_class_name") != "UNet2DConditionModel":
-        raise BackboneShapeError(f"{file} describes a {config.get('_class_name')!r}, not a UNet2DConditionModel")
+        raise BackboneShapeError(f"cannot read the model config {file} ({e}); it must be the config.json that "
+                                 f"diffusers' {class_name}.save_pretrained writes") from None
+    if config.get("_class_name") != class_name:
+        raise BackboneShapeError(f"{file} describes a {config.get('_class_name')!r}, not a {class_name}")
     return config
+
+
+def read_unet_config(path: Path) -> dict:
+    """``path/config.json`` of a ``UNet2DConditionModel``, or a one-paragraph error."""
+    return read_model_config(path, "UNet2DConditionModel")

@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> Path:
     """Load ``model`` with its LoRAs, fold them into the weights and write ``out`` as a plain model."""
     from multidiff.backbones.lora import has_lora, merge_lora
     from multidiff.pipeline import Pipeline, export_model
-    from multidiff.pretrained.export import PretrainedError, diffusers_problems, export_diffusers
+    from multidiff.pretrained.export import PretrainedError, diffusers_family, diffusers_problems, export_diffusers
 
     opts = ExportOptions.from_config(cfg)
     out = Path(opts.out).expanduser()
@@ -59,7 +59,7 @@ def run(cfg: DictConfig) -> Path:
         raise ConfigError(f"out={out} is the model itself; write the export to another folder")
     pipe = Pipeline.load(opts.model, device="cpu", lora=opts.lora, lora_scale=opts.lora_scale)
     if opts.format == "diffusers" and (problems := diffusers_problems(pipe)):  # before anything is merged or written
-        raise ConfigError(f"format=diffusers: {opts.model} cannot be written as a diffusers StableDiffusionPipeline: "
+        raise ConfigError(f"format=diffusers: {opts.model} cannot be written as a diffusers {diffusers_family(pipe)}: "
                           + "; ".join(problems) + ". Export it with format=multidiff instead")
     backbone = pipe.denoiser.backbone
     merged = has_lora(backbone)
@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> Path:
         merge_lora(backbone)
     try:
         written = (export_diffusers(pipe, out) if opts.format == "diffusers"
-                   else export_model(out, pipe.config, backbone, stage=pipe.stage))
+                   else export_model(out, pipe.config, backbone, stage=pipe.stage, conditioner=pipe.conditioner))
     except PretrainedError as e:
         raise ConfigError(str(e)) from None
     print(f"exported {opts.model}{' with its LoRA merged' if merged else ''} to {written} ({opts.format})")

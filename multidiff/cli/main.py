@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         if command in ("train", "prepare"):
             recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
             cfg.recipe_name = recipe
+            if cfg.get("init_from"):  # init_from replaces the modality; the user's modality.* keys then apply to it
+                cfg.init_from_overrides = [o for o in overrides if o.lstrip("+").startswith("modality.")]
         if print_cfg:
             from omegaconf import OmegaConf
 

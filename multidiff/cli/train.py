@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from multidiff.autoencoders.base import Identity
@@ -128,8 +129,11 @@ def apply_init_from(cfg: DictConfig) -> None:
     """``init_from=DIR``: the model keys of ``cfg`` (modality, autoencoder, backbone, diffusion, the text
     encoder) become those of the model in DIR (a diffusers pipeline directory, an export or a
     checkpoint); the recipe keeps its data, prompts and training settings. The weights load in
-    :func:`build_diffusion`. Nothing changes without ``init_from``."""
+    :func:`build_diffusion`. ``modality.*`` keys given on the command line (``init_from_overrides``,
+    recorded by the CLI) apply to the new modality: a video model fine-tuned on clips of
+    ``modality.size=[240,416] modality.num_frames=17``. Nothing changes without ``init_from``."""
     source = cfg.get("init_from")
+    overrides = list(cfg.pop("init_from_overrides", None) or [])
     if not source:
         return
     from multidiff.pipeline import ModelLoadError, read_model_config
@@ -145,6 +149,12 @@ def apply_init_from(cfg: DictConfig) -> None:
             cfg[key] = model.get(key)
         cfg.conditioning.encoder = model.conditioning.encoder
         cfg.conditioning.dim = model.conditioning.dim
+        for item in overrides:  # modality.* from the command line: the training data's geometry on the new modality
+            key, _, value = item.lstrip("+").partition("=")
+            try:
+                OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False, force_add=True)
+            except yaml.YAMLError:
+                OmegaConf.update(cfg, key, value, merge=False, force_add=True)
 
 
 def preflight(cfg: DictConfig) -> TrainingOptions:
@@ -622,7 +632,8 @@ def _train(cfg: DictConfig, run_dir: Path, options: TrainingOptions) -> Path:
         elif LoraOptions.from_mapping(cfg.get("lora")).rank:  # the adapters alone, on top of init_from
             out = export_lora(run_dir / "model", module.ema.backbone, base=str(cfg.init_from))
         else:
-            out = export_model(run_dir / "model", cfg, module.ema.backbone, stage=module.stage)
+            out = export_model(run_dir / "model", cfg, module.ema.backbone, stage=module.stage,
+                               conditioner=module.conditioner)
         log.info("exported model to %s", out)
         print(f"run directory: {run_dir}\nexported model: {out}")
     return run_dir

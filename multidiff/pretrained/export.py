@@ -2,12 +2,18 @@
 loads and runs (the reverse of :mod:`multidiff.pretrained.pipelines`).
 
 Every part must have a diffusers counterpart that computes the same function, or the export is
-refused naming the part: today that is a Stable Diffusion layout, i.e. an image model with an
-``AutoencoderKL`` stage (global latent scale, no shift), a plain conditional diffusers UNet (no
-coordinate channels, class labels, pooled-prompt path or mask channels), a VP schedule with an eps,
-v or x0 parameterization, and a CLIP text encoder used as Stable Diffusion uses it
-(``padding=keep``, the tokenizer's own length). An imported pipeline, fully fine-tuned or with its
-LoRA merged, exports; the embedded-data models (pixel space, MiniLM with masked padding) do not.
+refused naming the part. Two layouts have one:
+
+* ``StableDiffusionPipeline``: an image model with an ``AutoencoderKL`` stage (global latent scale,
+  no shift), a plain conditional diffusers UNet (no coordinate channels, class labels, pooled-prompt
+  path or mask channels), a VP schedule with an eps, v or x0 parameterization, and a CLIP text
+  encoder used as Stable Diffusion uses it (``padding=keep``, the tokenizer's own length);
+* ``WanPipeline``: a video model with an ``AutoencoderKLWan`` stage, a ``WanTransformer3DModel``
+  backbone, a flow process on one of diffusers' flow grids started from unit noise, and a
+  (U)MT5 encoder with its padding zeroed (``padding=mask``).
+
+An imported pipeline, fully fine-tuned or with its LoRA merged, exports; the embedded-data models
+(pixel space, MiniLM with masked padding) do not.
 """
 
 from __future__ import annotations
@@ -39,8 +45,22 @@ def _unet(backbone):
     return unet, None
 
 
+def diffusers_family(pipe) -> str:
+    """The diffusers pipeline class ``pipe`` would be written as: ``WanPipeline`` for a Wan transformer
+    backbone, else ``StableDiffusionPipeline``."""
+    return "WanPipeline" if type(getattr(pipe.denoiser.backbone, "transformer", None)).__name__ == \
+        "WanTransformer3DModel" else "StableDiffusionPipeline"
+
+
 def diffusers_problems(pipe) -> list[str]:
-    """What keeps ``pipe`` (a :class:`~multidiff.pipeline.Pipeline`) from being a StableDiffusionPipeline; [] if nothing."""
+    """What keeps ``pipe`` (a :class:`~multidiff.pipeline.Pipeline`) from being a diffusers pipeline of
+    :func:`diffusers_family`'s class; [] if nothing."""
+    if diffusers_family(pipe) == "WanPipeline":
+        return _wan_problems(pipe)
+    return _sd_problems(pipe)
+
+
+def _sd_problems(pipe) -> list[str]:
     from multidiff.core.denoiser import _VPTimestep
     from multidiff.core.schedules import VPSchedule
 
@@ -75,18 +95,91 @@ def diffusers_problems(pipe) -> list[str]:
     return problems
 
 
-def export_diffusers(pipe, out: str | Path) -> Path:
-    """Write ``pipe`` as a StableDiffusionPipeline directory in ``out`` (atomically; a scheduler
-    config for DDIM with the model's betas, spacing and prediction type), or raise
-    :class:`PretrainedError` naming every part without a diffusers counterpart."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def _flow_scheduler(pipe):
+    """The diffusers flow scheduler whose grid is the model's (see FlowSchedule's spacings), or None."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
+    s = pipe.schedule
+    flow = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=s.shift,
+                num_train_timesteps=s.num_train_timesteps)
+    if s.spacing == "flow_match_euler":
+        return FlowMatchEulerDiscreteScheduler(shift=s.shift, num_train_timesteps=s.num_train_timesteps)
+    if s.spacing == "flow_sigmas":
+        return UniPCMultistepScheduler(**flow)
+    if abs(s.t_max - (1 - 1 / s.num_train_timesteps)) < 1e-9:
+        return DPMSolverMultistepScheduler(**flow)
+    return None
+
+
+def _wan_problems(pipe) -> list[str]:
+    from multidiff.core.denoiser import FlowVelocity
+    from multidiff.core.schedules import FlowSchedule
+
+    problems = []
+    if getattr(pipe, "modality", None) is not None:
+        problems.append("it is one modality of a model of several")
+    if len(pipe.adapter.shape) != 4:
+        problems.append(f"its items are {tuple(pipe.adapter.shape)}, not clips (C, T, H, W)")
+    if type(getattr(pipe.stage, "model", None)).__name__ != "AutoencoderKLWan":
+        problems.append("its latent stage is not a diffusers AutoencoderKLWan")
+    if getattr(pipe.denoiser.backbone, "concat_channels", 0):
+        problems.append("its transformer takes mask channels (concat_channels), which WanPipeline does not feed")
+    param, schedule = pipe.denoiser.parameterization, pipe.schedule
+    if not (isinstance(param, FlowVelocity) and isinstance(schedule, FlowSchedule)):
+        problems.append(f"its process ({type(param).__name__}, {type(schedule).__name__}) is not flow matching")
+    else:
+        if not param.unit_start or param.time_scale != schedule.num_train_timesteps:
+            problems.append("its flow process starts from noise * sigma or scales time by another factor than "
+                            "num_train_timesteps, where WanPipeline starts from unit noise at t * num_train_timesteps")
+        if _flow_scheduler(pipe) is None:
+            problems.append(f"its flow grid (spacing {schedule.spacing}, t_max {schedule.t_max}) is none of diffusers' "
+                            "flow schedulers' grids")
+        elif schedule.spacing == "flow_match_euler" and getattr(pipe.denoiser.backbone, "truncate_timesteps", False):
+            problems.append("its transformer truncates timesteps, which FlowMatchEulerDiscreteScheduler does not")
+    cond = pipe.conditioner
+    text = type(getattr(cond, "model", None)).__name__
+    if text not in ("UMT5EncoderModel", "T5EncoderModel"):
+        problems.append(f"its text encoder is a {text}, not the (U)MT5 encoder WanPipeline calls")
+    elif getattr(cond, "padding", None) != "mask":
+        problems.append("its text encoder keeps padding states (padding=keep), where WanPipeline zeroes them")
+    return problems
+
+
+def export_diffusers(pipe, out: str | Path) -> Path:
+    """Write ``pipe`` as a diffusers pipeline directory in ``out`` (atomically): a StableDiffusionPipeline
+    (a scheduler config for DDIM with the model's betas, spacing and prediction type) or a WanPipeline
+    (the flow scheduler of the model's grid), or raise :class:`PretrainedError` naming every part
+    without a diffusers counterpart."""
     from multidiff.atomic import replace_directory
 
+    family = diffusers_family(pipe)
     problems = diffusers_problems(pipe)
     if problems:
-        raise PretrainedError("this model cannot be written as a diffusers StableDiffusionPipeline: "
+        raise PretrainedError(f"this model cannot be written as a diffusers {family}: "
                               + "; ".join(problems) + ". Export it as a multidiff model instead (format=multidiff)")
+    built = _wan_pipeline(pipe) if family == "WanPipeline" else _sd_pipeline(pipe)
+
+    def fill(tmp: Path) -> None:
+        with torch.no_grad():
+            built.save_pretrained(str(tmp), safe_serialization=True)
+
+    return replace_directory(Path(out), fill)
+
+
+def _wan_pipeline(pipe):
+    from diffusers import WanPipeline
+
+    vae = pipe.stage.model
+    scale = pipe.stage.latent_scale.detach().double()  # the stage's (z - shift) * scale as latents_mean / latents_std
+    vae.register_to_config(latents_mean=[float(v) for v in pipe.stage.latent_shift],
+                           latents_std=[float(v) for v in 1.0 / scale])
+    return WanPipeline(tokenizer=pipe.conditioner.tokenizer, text_encoder=pipe.conditioner.model, vae=vae,
+                       transformer=pipe.denoiser.backbone.transformer, scheduler=_flow_scheduler(pipe))
+
+
+def _sd_pipeline(pipe):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     schedule, param = pipe.schedule, pipe.denoiser.parameterization
     scheduler = DDIMScheduler(
         num_train_timesteps=schedule.num_train_timesteps, beta_schedule=_BETAS[schedule.beta_schedule],
@@ -96,12 +189,6 @@ def export_diffusers(pipe, out: str | Path) -> Path:
     vae = pipe.stage.model
     vae.register_to_config(scaling_factor=float(pipe.stage.latent_scale[0]))
     unet, _ = _unet(pipe.denoiser.backbone)
-    sd = StableDiffusionPipeline(vae=vae, text_encoder=pipe.conditioner.model, tokenizer=pipe.conditioner.tokenizer,
-                                 unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                 requires_safety_checker=False)
-
-    def fill(tmp: Path) -> None:
-        with torch.no_grad():
-            sd.save_pretrained(str(tmp), safe_serialization=True)
-
-    return replace_directory(Path(out), fill)
+    return StableDiffusionPipeline(vae=vae, text_encoder=pipe.conditioner.model, tokenizer=pipe.conditioner.tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)

@@ -42,7 +42,7 @@ class Component:
 @dataclass(frozen=True)
 class Family:
     components: dict[str, Component]
-    config: Callable[[Path, dict[str, dict]], DictConfig]
+    config: Callable[[Path, dict[str, dict], dict], DictConfig]  # (directory, component configs, index)
     modality: str
 
 
@@ -90,7 +90,7 @@ def vp_diffusion(scheduler: dict, where: Path) -> dict:
             "loss_weighting": "none", "noise_prior": None}
 
 
-def _stable_diffusion(path: Path, configs: dict[str, dict]) -> DictConfig:
+def _stable_diffusion(path: Path, configs: dict[str, dict], index: dict) -> DictConfig:
     unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
     size = unet.get("sample_size", 64)
@@ -128,12 +128,108 @@ _SD_COMPONENTS = {
     "scheduler": Component("diffusers", _VP_SCHEDULERS, ("scheduler_config.json",)),
 }
 
+# -- Wan 2.1 (text to video) ---------------------------------------------------------------------
+
+_FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler", "DPMSolverMultistepScheduler")
+
+
+def flow_diffusion(scheduler: dict, where: Path) -> dict:
+    """A flow-matching scheduler's config (shift, grid) as multidiff's ``diffusion`` node: diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` (``shift``) or a multistep scheduler with ``use_flow_sigmas``
+    and ``prediction_type=flow_prediction`` (``flow_shift``)."""
+    name = scheduler.get("_class_name")
+
+    def refuse(what: str) -> PretrainedError:
+        return PretrainedError(f"{where} ({name}) asks for {what}, which multidiff's flow schedule does not implement; "
+                               "supported: a fixed shift, no dynamic shifting, no shift_terminal, no karras, exponential "
+                               "or beta sigmas, no inverted sigmas or stochastic sampling")
+
+    for key in ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                "use_beta_sigmas", "invert_sigmas", "stochastic_sampling"):
+        if scheduler.get(key):
+            raise refuse(f"{key}={scheduler[key]!r}")
+    if name == "FlowMatchEulerDiscreteScheduler":
+        shift, spacing = scheduler.get("shift", 1.0), "flow_match_euler"
+    else:
+        if not scheduler.get("use_flow_sigmas") or scheduler.get("prediction_type") != "flow_prediction":
+            raise refuse(f"use_flow_sigmas={scheduler.get('use_flow_sigmas')!r} with "
+                         f"prediction_type={scheduler.get('prediction_type')!r} (a flow model's {name} has "
+                         "use_flow_sigmas=true and prediction_type=flow_prediction)")
+        if scheduler.get("final_sigmas_type", "zero") != "zero":
+            raise refuse(f"final_sigmas_type={scheduler.get('final_sigmas_type')!r}")
+        # UniPC's flow grid starts at t = 1; DPM-Solver's is uniform from 1 - 1/T (diffusers' two flow grids)
+        shift, spacing = scheduler.get("flow_shift", 1.0), "flow_sigmas" if name == "UniPCMultistepScheduler" else "uniform"
+    shift, steps = float(shift or 1.0), int(scheduler.get("num_train_timesteps", 1000))
+    return {"schedule": {"_target_": "multidiff.core.schedules.FlowSchedule", "shift": shift, "spacing": spacing,
+                         "num_train_timesteps": steps, "t_max": 1.0 - 1.0 / steps},
+            "parameterization": {"_target_": "multidiff.core.denoiser.FlowVelocity", "time_scale": float(steps),
+                                 "unit_start": True},  # the pipelines start from latents = noise
+            "noise": {"_target_": "multidiff.core.noise.LogitNormalFlowSigma", "mean": 0.0, "std": 1.0, "shift": shift},
+            "loss_weighting": "none", "noise_prior": None}
+
+
+WAN_DEFAULTS = {"height": 480, "width": 832, "num_frames": 81, "fps": 16.0, "max_length": 512}
+"""What ``WanPipeline.__call__`` defaults to (and Wan's 16 fps); generate takes ``height``, ``width``,
+``num_frames`` per call."""
+
+
+def _wan(path: Path, configs: dict[str, dict], index: dict) -> DictConfig:
+    transformer, vae, text = configs["transformer"], configs["vae"], configs["text_encoder"]
+    for key, fine in (("transformer_2", lambda v: v in (None, [None, None])), ("boundary_ratio", lambda v: v is None),
+                      ("expand_timesteps", lambda v: not v)):
+        if not fine(index.get(key)):
+            raise PretrainedError(
+                f"{path}/model_index.json sets {key}={index.get(key)!r}: a Wan 2.2 two-expert or TI2V pipeline, which "
+                "multidiff does not import; it imports single-transformer Wan 2.1 text-to-video pipelines")
+    if int(transformer["in_channels"]) != int(vae["z_dim"]):
+        raise PretrainedError(f"{path}: transformer/ takes {transformer['in_channels']} channels but vae/ makes "
+                              f"{vae['z_dim']}-channel latents (an image-to-video or other variant?); multidiff imports "
+                              "text-to-video Wan pipelines")
+    if transformer.get("image_dim") is not None:
+        raise PretrainedError(f"{path}: transformer/ has an image embedding (image_dim={transformer['image_dim']}): an "
+                              "image-to-video Wan, which multidiff does not import; it imports text-to-video ones")
+    if int(transformer["text_dim"]) != int(text["d_model"]):
+        raise PretrainedError(f"{path}: transformer/ cross-attends to {transformer['text_dim']}-wide text but "
+                              f"text_encoder/ makes {text['d_model']}-wide tokens")
+    patch = int(vae.get("patch_size") or 1)
+    cfg = {
+        "modality": {"_target_": "multidiff.adapters.video.VideoAdapter",
+                     "size": [WAN_DEFAULTS["height"], WAN_DEFAULTS["width"]], "num_frames": WAN_DEFAULTS["num_frames"],
+                     "fps": WAN_DEFAULTS["fps"], "channels": int(vae.get("in_channels", 3)) // patch**2},
+        "autoencoder": {"_target_": "multidiff.autoencoders.diffusers_vae.DiffusersAutoencoder",
+                        "path": str(path / "vae"), "scale_mode": "pretrained"},
+        "backbone": {"_target_": "multidiff.backbones.pretrained.PretrainedWanTransformer",
+                     "path": str(path / "transformer"),
+                     # diffusers' multistep schedulers pass int64 timesteps; FlowMatchEuler passes floats
+                     "truncate_timesteps": configs["scheduler"].get("_class_name") != "FlowMatchEulerDiscreteScheduler"},
+        "diffusion": flow_diffusion(configs["scheduler"], path / "scheduler"),
+        "conditioning": {
+            "encoder": {"_target_": "multidiff.conditioning.text.TextConditioner", "encoder": str(path),
+                        "tokenizer_subfolder": "tokenizer", "encoder_subfolder": "text_encoder",
+                        "encoder_class": index["text_encoder"][1], "max_length": WAN_DEFAULTS["max_length"],
+                        "padding": "mask", "clean": True, "sha256": None},
+            "dim": int(text["d_model"]), "dropout": 0.1},
+        "pretrained": {"family": "WanPipeline", "path": str(path)},
+    }
+    return OmegaConf.create(cfg)
+
+
+_WAN_COMPONENTS = {
+    "transformer": Component("diffusers", ("WanTransformer3DModel",), ("config.json",), weights=True),
+    "vae": Component("diffusers", ("AutoencoderKLWan",), ("config.json",), weights=True),
+    "text_encoder": Component("transformers", ("UMT5EncoderModel", "T5EncoderModel"), ("config.json",), weights=True),
+    "tokenizer": Component("transformers", ("T5Tokenizer", "T5TokenizerFast", "AutoTokenizer"),
+                           ("tokenizer.json", "spiece.model", "tokenizer_config.json")),
+    "scheduler": Component("diffusers", _FLOW_SCHEDULERS, ("scheduler_config.json",)),
+}
+
 FAMILIES: dict[str, Family] = {
     "StableDiffusionPipeline": Family(_SD_COMPONENTS, _stable_diffusion, "image"),
+    "WanPipeline": Family(_WAN_COMPONENTS, _wan, "video"),
 }
 """The pipeline classes multidiff imports, by ``model_index.json``'s ``_class_name``."""
 
-PLANNED = ("StableAudioPipeline", "WanPipeline")  # named in the refusal, so users know they are coming
+PLANNED = ("StableAudioPipeline",)  # named in the refusal, so users know they are coming
 
 
 def is_pipeline_dir(path: str | Path) -> bool:
@@ -166,7 +262,7 @@ def pipeline_config(path: str | Path) -> DictConfig:
             f"{path}/model_index.json names a custom pipeline ({name!r}); multidiff never runs code from a model "
             f"directory and imports the diffusers pipelines {supported}")
     if name not in FAMILIES:
-        planned = f" ({', '.join(PLANNED)} are planned)" if PLANNED else ""
+        planned = f" ({', '.join(PLANNED)} {'is' if len(PLANNED) == 1 else 'are'} planned)" if PLANNED else ""
         raise PretrainedError(
             f"{path} holds a diffusers {name}, which multidiff does not import; it imports {supported}{planned}. "
             "Convert the model to one of those, or train a multidiff model (multidiff train recipe=...)")
@@ -209,4 +305,4 @@ def pipeline_config(path: str | Path) -> DictConfig:
             f"{path} is a {name} directory but cannot be imported: {'; '.join(problems)}. A complete one holds "
             f"{', '.join(f'{k}/' for k in family.components)} as diffusers' save_pretrained(..., safe_serialization=True) "
             "writes them")
-    return family.config(path, configs)
+    return family.config(path, configs, index)

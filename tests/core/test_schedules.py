@@ -299,3 +299,33 @@ def test_logit_normal_flow_density_is_shifted_like_the_sampling_grid(shift):
     assert grid[1].item() == pytest.approx(shift, rel=1e-5)
     with pytest.raises(ValueError, match="shift=0"):
         LogitNormalFlowSigma(shift=0)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
+@pytest.mark.parametrize("steps", [1, 4, 30])
+def test_flow_spacings_match_diffusers_flow_schedulers(shift, steps):
+    """The imported-model spacings give the times of diffusers' FlowMatchEulerDiscreteScheduler and of
+    UniPCMultistepScheduler(use_flow_sigmas=True) (t = 1 taken as 1 - 1e-6), ending at 0; the uniform
+    spacing from 1 - 1/T gives DPMSolverMultistepScheduler(use_flow_sigmas=True)'s."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from multidiff.core.schedules import FlowSchedule
+
+    euler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    euler.set_timesteps(steps)
+    ours = FlowSchedule(shift=shift, spacing="flow_match_euler").times(steps)
+    expected = euler.sigmas.double().clamp(max=FlowSchedule.T_ONE)
+    assert len(ours) == steps + 1 and ours[-1] == 0
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    unipc = UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")
+    unipc.set_timesteps(steps)
+    ours = FlowSchedule(shift=shift, spacing="flow_sigmas").times(steps)
+    torch.testing.assert_close(ours, unipc.sigmas.double(), rtol=0, atol=1e-6)
+    dpm = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")
+    dpm.set_timesteps(steps)
+    ours = FlowSchedule(shift=shift, t_max=1 - 1 / 1000).times(steps)
+    torch.testing.assert_close(ours, dpm.sigmas.double(), rtol=0, atol=1e-6)
+    sigmas = FlowSchedule(shift=shift, spacing="flow_sigmas").sigmas(steps)
+    assert torch.isfinite(sigmas).all() and (sigmas[:-1] > sigmas[1:]).all()
+    with pytest.raises(ValueError, match="flow spacing"):
+        FlowSchedule(spacing="leading")
