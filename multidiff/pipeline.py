@@ -214,7 +214,7 @@ OWN_FOLDERS = {"backbone.path": "backbone", "autoencoder.path": "autoencoder/dif
 
 
 def export_model(directory: str | Path, cfg: DictConfig, backbone, stage: LatentStage | None = None,
-                 conditioner=None) -> Path:
+                 conditioner=None, text_encoder_changed: bool = False) -> Path:
     """Write an exported model (atomically): marker, resolved model config, backbone weights and,
     unless it is the identity, the latent stage (weights and latent scale) under ``autoencoder/``.
 
@@ -222,7 +222,8 @@ def export_model(directory: str | Path, cfg: DictConfig, backbone, stage: Latent
     ``unet/`` or ``transformer/`` and ``vae/``, a local text encoder), it points at its own copies
     instead (:data:`OWN_FOLDERS`): the backbone's diffusers layout in ``backbone/``, the stage's
     network in ``autoencoder/diffusers/`` and, given the ``conditioner`` of a local text encoder, its
-    tokenizer and weights in ``text_encoder/``. The packaged default encoder is not copied."""
+    tokenizer and weights in ``text_encoder/``. The packaged default encoder is not copied unless
+    ``text_encoder_changed`` (LoRA adapters merged into it)."""
     model_cfg = model_config(cfg)
 
     def fill(tmp: Path) -> None:
@@ -235,8 +236,8 @@ def export_model(directory: str | Path, cfg: DictConfig, backbone, stage: Latent
         if OmegaConf.select(model_cfg, "autoencoder.path") and (tmp / "autoencoder" / "diffusers").is_dir():
             own["autoencoder.path"] = "autoencoder/diffusers"
         source = OmegaConf.select(model_cfg, "conditioning.encoder.encoder")
-        if conditioner is not None and source and Path(str(source)).expanduser().is_dir() \
-                and hasattr(conditioner, "tokenizer"):
+        local = bool(source) and Path(str(source)).expanduser().is_dir()
+        if conditioner is not None and (local or text_encoder_changed) and hasattr(conditioner, "tokenizer"):
             conditioner.tokenizer.save_pretrained(str(tmp / "text_encoder"))
             conditioner.model.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
             own["conditioning.encoder.encoder"] = "text_encoder"
@@ -304,6 +305,12 @@ def _read_model(path: Path) -> tuple[DictConfig, callable, Path | None]:
         if lora.get("rank"):  # a LoRA run's checkpoint: the adapters' layers first, then the weights
             add_lora(parts.denoiser.backbone, rank=int(lora.rank), alpha=lora.get("alpha"),
                      target_modules=lora.get("target_modules"))
+            text_model = getattr(parts.conditioner, "model", None)
+            if lora.get("text_encoder") and text_model is not None:  # its averaged adapters (the base is the config's)
+                add_lora(text_model, rank=int(lora.rank), alpha=lora.get("alpha"))
+                text_model.requires_grad_(False)
+                text_model.load_state_dict(_prefixed(ckpt["state_dict"], "text_ema."), strict=False)
+                parts.conditioner.refresh()
         parts.denoiser.backbone.load_state_dict(_prefixed(ckpt["state_dict"], "ema.backbone."))
         stage_state = _prefixed(ckpt["state_dict"], "stage.")
         if stage_state:  # the training module's latent stage, with the scale fitted on its data
@@ -325,16 +332,28 @@ def _read_lora_model(path: Path) -> tuple[DictConfig, callable, Path | None]:
 
     def load(parts: ModelParts) -> None:
         load_base(parts)
-        _add_loras(parts.denoiser.backbone, [str(path)], [1.0])
+        _add_loras(parts, [str(path)], [1.0])
 
     return cfg, load, stage_dir
 
 
-def _add_loras(backbone, paths, scales) -> None:
-    """Load saved LoRA adapters on top of ``backbone``, stacked, each at its scale."""
+def _add_loras(parts: ModelParts, paths, scales) -> None:
+    """Load saved LoRA adapters on top of the backbone (and, where an adapter has ``text_encoder/``,
+    of the text encoder), stacked, each at its scale."""
+    backbone = parts.denoiser.backbone
     for path, scale in zip(paths, scales, strict=True):
+        name = f"lora{len(adapter_names(backbone))}"
         try:
-            load_lora(backbone, path, name=f"lora{len(adapter_names(backbone))}", scale=scale)
+            load_lora(backbone, path, name=name, scale=scale)
+            text_dir = Path(path).expanduser() / TEXT_LORA_DIR
+            if text_dir.is_dir() and parts.conditioner is not _NO_CONDITIONER:
+                text_model = getattr(parts.conditioner, "model", None)
+                if text_model is None:
+                    raise LoraError(f"the LoRA in {path} adapts a text encoder, which this model's conditioner "
+                                    f"({type(parts.conditioner).__name__}) does not have")
+                load_lora(text_model, text_dir, name=name, scale=scale)
+                text_model.requires_grad_(False)
+                parts.conditioner.refresh()  # cached encodings came from the encoder without it
         except LoraError as e:
             raise ModelLoadError(str(e)) from None
 
@@ -346,17 +365,41 @@ def build_from(cfg: DictConfig, source: str | Path) -> ModelParts:
     _, load_weights, stage_dir = _read_model(Path(str(source)).expanduser())
     parts = build_parts(cfg, source="train config", stage_dir=stage_dir)
     load_weights(parts)
-    if has_lora(parts.denoiser.backbone):
-        merge_lora(parts.denoiser.backbone)
+    merge_all_loras(parts)
     return parts
 
 
-def export_lora(directory: str | Path, backbone, *, base: str) -> Path:
+def merge_all_loras(parts) -> bool:
+    """Fold every LoRA adapter of the backbone and of the text encoder of ``parts`` (a :class:`ModelParts`
+    or a :class:`Pipeline`) into their weights (the text encoder stays frozen); whether there were any."""
+    merged = False
+    if has_lora(parts.denoiser.backbone):
+        merge_lora(parts.denoiser.backbone)
+        merged = True
+    text_model = getattr(parts.conditioner, "model", None)
+    if isinstance(text_model, torch.nn.Module) and has_lora(text_model):
+        merge_lora(text_model).requires_grad_(False)
+        parts.conditioner.refresh()
+        merged = True
+    return merged
+
+
+TEXT_LORA_DIR = "text_encoder"  # a LoRA export's text-encoder adapters (lora.text_encoder=true)
+
+
+def export_lora(directory: str | Path, backbone, *, base: str, text_encoder=None) -> Path:
     """Write a LoRA run's adapters alone (atomically): ``lora.safetensors``, ``lora.json`` (rank, alpha,
-    targets, ``base``: the model they were trained on, resolved) and the ``multidiff.json`` marker."""
+    targets, ``base``: the model they were trained on, resolved) and the ``multidiff.json`` marker;
+    with ``text_encoder`` (an encoder carrying adapters) its adapters in ``text_encoder/`` likewise."""
     info = lora_info(backbone)
     base = str(Path(base).expanduser().resolve())
-    return replace_directory(directory, lambda tmp: save_lora(tmp, backbone, base=base, **info))
+
+    def fill(tmp: Path) -> None:
+        save_lora(tmp, backbone, base=base, **info)
+        if text_encoder is not None:
+            save_lora(tmp / TEXT_LORA_DIR, text_encoder, base=base, **lora_info(text_encoder))
+
+    return replace_directory(directory, fill)
 
 
 def _prefixed(state: dict, prefix: str) -> dict:
@@ -424,7 +467,7 @@ class Pipeline:
         cfg, load_weights, stage_dir = _read_model(path)
         parts = build_parts(cfg, source=str(path), trusted=trusted_targets, stage_dir=stage_dir, modality=modality)
         load_weights(parts)
-        _add_loras(parts.denoiser.backbone, loras, scales)
+        _add_loras(parts, loras, scales)
         return cls(parts, config=cfg, source=str(path), device=device, **performance)
 
     def encode_prompts(self, prompts: list[str]) -> Cond:

@@ -257,3 +257,68 @@ def test_shards_prepared_for_an_imported_pipeline_stream_into_its_lora_run(sd_di
     multidiff_cli("train", *steps, "trainer.max_steps=2", f"init_from={sd_dir}", "data=streaming", f"data.path={shards}",
                   "data.num_workers=0", f"run_dir={run}", f"data_root={data_root}")
     assert (run / "model" / "lora.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def text_lora_run(sd_dir, tmp_path_factory, data_root) -> Path:
+    run = tmp_path_factory.mktemp("text-lora") / "run"
+    multidiff_cli("train", *LORA_RUN, "lora.text_encoder=true", f"init_from={sd_dir}", f"run_dir={run}",
+                  f"data_root={data_root}")
+    return run
+
+
+def test_lora_on_the_text_encoder_trains_exports_and_loads_with_the_backbones(text_lora_run, sd_dir, tmp_path):
+    from transformers import CLIPTextModel
+
+    model = text_lora_run / "model"
+    text_dir = model / "text_encoder"
+    assert (text_dir / "lora.safetensors").is_file() and (text_dir / "lora.json").is_file()
+    text_lora = load_file(text_dir / "lora.safetensors")
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in text_lora} == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    assert any(v.abs().max() > 0 for k, v in text_lora.items() if ".lora_B." in k), "the text adapters did not train"
+    ckpt = torch.load(text_lora_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    text_keys = [k for k in ckpt if k.startswith(("text_encoder.", "text_ema."))]
+    assert text_keys and all(".lora_" in k for k in text_keys)  # the frozen encoder is not stored again
+    published = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", use_safetensors=True).state_dict()
+    pipe = multidiff.load(model, device="cpu")
+    for key, value in pipe.conditioner.model.state_dict().items():  # the base encoder unchanged beneath
+        if ".lora_" not in key:
+            assert torch.equal(value, published[key.replace(".base_layer.", ".")]), key
+    prompts = ["a handwritten digit seven"]
+    tuned = pipe.generate(prompts, **GEN)
+    plain = multidiff.load(sd_dir, device="cpu")
+    base = plain.generate(prompts, **GEN)
+    assert not torch.equal(pipe.encode_prompts(prompts).tokens, plain.encode_prompts(prompts).tokens)
+    zero = multidiff.load(sd_dir, device="cpu", lora=[str(model)], lora_scale=[0.0]).generate(prompts, **GEN)
+    assert torch.equal(zero, base)  # scale 0 turns both the backbone's and the encoder's adapters off
+    merged = tmp_path / "merged"
+    multidiff_cli("export", f"model={model}", f"out={merged}")
+    assert (merged / "text_encoder" / "model.safetensors").is_file()
+    again = multidiff.load(merged, device="cpu").generate(prompts, **GEN)
+    torch.testing.assert_close(again, tuned, atol=1e-4, rtol=0)
+
+
+def test_a_stopped_text_encoder_lora_run_resumes_exactly(text_lora_run, sd_dir, tmp_path, data_root):
+    run = tmp_path / "run"
+    common = ["train", *LORA_RUN, "lora.text_encoder=true", f"init_from={sd_dir}", f"run_dir={run}",
+              f"data_root={data_root}"]
+    proc = multidiff_cli(*common, "training.inject_signal_at_step=3", "training.inject_signal=SIGTERM")
+    assert "stopped by signal" in proc.stdout
+    multidiff_cli(*common, "resume=auto")
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    straight = torch.load(text_lora_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert_same_weights(resumed, straight)
+    for name in ("lora.safetensors", "text_encoder/lora.safetensors"):
+        assert_same_weights(load_file(run / "model" / name), load_file(text_lora_run / "model" / name))
+
+
+def test_text_encoder_lora_needs_adapters_and_prompts(sd_dir, tmp_path, data_root):
+    proc = multidiff_cli("train", "recipe=image_digits", f"init_from={sd_dir}", "lora.text_encoder=true",
+                         f"run_dir={tmp_path / 'r'}", f"data_root={data_root}", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "lora.text_encoder=true adds adapters of lora.rank" in proc.stderr
+    proc = multidiff_cli("train", "recipe=image_digits", f"init_from={sd_dir}", "lora.rank=4", "lora.text_encoder=true",
+                         "data=streaming", f"data.path={tmp_path}", f"run_dir={tmp_path / 'r2'}",
+                         f"data_root={data_root}", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "data=streaming reads prompts already encoded" in proc.stderr

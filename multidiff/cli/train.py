@@ -122,6 +122,13 @@ def read_options(cfg: DictConfig) -> TrainingOptions:
                           "or lora.rank=0 to train every weight")
     if lora.rank and modality_names(cfg):
         raise ConfigError("lora.rank > 0 is not supported for a model of several modalities yet; set lora.rank=0")
+    if lora.text_encoder and not lora.rank:
+        raise ConfigError("lora.text_encoder=true adds adapters of lora.rank to the text encoder, but lora.rank=0 "
+                          "(off): set lora.rank (e.g. lora.rank=8) or lora.text_encoder=false")
+    if lora.text_encoder and cfg.data.get("streaming"):
+        raise ConfigError("lora.text_encoder=true trains the text encoder, but data=streaming reads prompts already "
+                          "encoded into the shards: train from the dataset itself (leave data=streaming out) or set "
+                          "lora.text_encoder=false")
     return options
 
 
@@ -270,6 +277,13 @@ def build_diffusion(cfg: DictConfig, run_dir: Path, options: TrainingOptions):
         try:
             add_lora(parts.denoiser.backbone, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                      target_modules=lora.target_modules)
+            if lora.text_encoder:  # the encoder's own attention projections (CLIP q/k/v/out, T5 q/k/v/o, ...)
+                text_model = getattr(parts.conditioner, "model", None)
+                if text_model is None:
+                    raise LoraError(f"lora.text_encoder=true, but this model's conditioner "
+                                    f"({type(parts.conditioner).__name__}) has no text encoder to adapt; set "
+                                    "lora.text_encoder=false")
+                add_lora(text_model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
         except LoraError as e:
             raise ConfigError(str(e)) from None
     masked = bool(getattr(parts.denoiser.backbone, "concat_channels", 0))
@@ -550,7 +564,8 @@ def read_resume_checkpoint(path: str | Path) -> dict:
 
 def check_resume_matches(path: str | Path, state: dict, module) -> None:
     """One paragraph, naming the first differing key, when the checkpoint's model is not this run's."""
-    expected = module.state_dict()
+    frozen = set(getattr(module, "frozen_text_keys", list)())  # left out of checkpoints on purpose
+    expected = {k: v for k, v in module.state_dict().items() if k not in frozen}
     for key, value in expected.items():
         if key not in state:
             problem = f"has no {key}"
@@ -630,7 +645,8 @@ def _train(cfg: DictConfig, run_dir: Path, options: TrainingOptions) -> Path:
         if cfg.get("task", "diffusion") == "autoencoder":
             out = _export_autoencoder(cfg, run_dir, parts, module, datamodule, trainer)
         elif LoraOptions.from_mapping(cfg.get("lora")).rank:  # the adapters alone, on top of init_from
-            out = export_lora(run_dir / "model", module.ema.backbone, base=str(cfg.init_from))
+            out = export_lora(run_dir / "model", module.ema.backbone, base=str(cfg.init_from),
+                              text_encoder=module.text_ema if module.text_lora else None)
         else:
             out = export_model(run_dir / "model", cfg, module.ema.backbone, stage=module.stage,
                                conditioner=module.conditioner)

@@ -206,6 +206,20 @@ class TextConditioner:
         pooled = hidden.sum(1) / real.sum(1, keepdim=True).clamp_min(1)
         return hidden, real, pooled
 
+    def encode_trainable(self, prompts: list[str]) -> Cond:
+        """Prompts -> :class:`Cond` through the encoder with autograd on and no cache: what training
+        LoRA adapters on the text encoder needs (its output changes with every step)."""
+        with torch.enable_grad():
+            tokens, mask, pooled = self._encode_uncached(list(prompts))
+        return Cond(tokens=tokens, mask=mask, pooled=pooled)
+
+    def refresh(self, *, cache: bool = True) -> None:
+        """Forget every cached encoding (the encoder's weights changed: LoRA adapters loaded, scaled or
+        training); ``cache=False`` keeps nothing from now on (adapters that train)."""
+        self._cache, self._null, self._fingerprint = {}, None, None
+        if not cache:
+            self.cache_size = 0
+
     def encode(self, prompts: list[str] | str) -> Cond:
         """Prompts (``B`` strings) -> :class:`Cond` with tokens, mask and pooled on ``self.device``.
 
@@ -256,7 +270,9 @@ class TextConditioner:
 
     def preload(self, prompts: list[str], table: dict[str, Tensor]) -> None:
         """Fill the in-memory cache from :meth:`embedding_table`'s output: these prompts are then never
-        run through the encoder."""
+        run through the encoder (unless nothing is cached: adapters on the encoder that train)."""
+        if self.cache_size <= 0:
+            return
         for i, prompt in enumerate(prompts):
             self._cache[prompt] = (table["tokens"][i].to(self.device), table["mask"][i].to(self.device),
                                    table["pooled"][i].to(self.device))
@@ -264,6 +280,7 @@ class TextConditioner:
 
     def null(self, batch: int = 1) -> Cond:
         """The null condition (the empty prompt) for classifier-free guidance, batch ``batch``."""
-        if self._null is None:
-            self._null = self.encode([""])
-        return self._null.repeat_interleave(batch)
+        null = self._null if self._null is not None else self.encode([""])
+        if self.cache_size > 0:
+            self._null = null
+        return null.repeat_interleave(batch)

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from multidiff.backbones.lora import has_lora
 from multidiff.core.cond import Cond, with_input
 from multidiff.core.denoiser import Denoiser
 from multidiff.core.editing import mask_channels, with_concat
@@ -78,6 +79,14 @@ class DiffusionModule(L.LightningModule):
         apply_performance_options(self.denoiser.backbone, channels_last=training.channels_last,
                                   compile=training.compile, compile_options=training.compile_options or None)
         self.noise, self.conditioner = noise, conditioner
+        # LoRA adapters on the text encoder (lora.text_encoder): the encoder becomes a trained submodule
+        # with its own EMA copy; its frozen base weights stay out of checkpoints (see on_save_checkpoint)
+        text_model = getattr(conditioner, "model", None)
+        self.text_lora = isinstance(text_model, torch.nn.Module) and has_lora(text_model)
+        if self.text_lora:
+            self.text_encoder = text_model.eval()
+            self.text_ema = copy.deepcopy(text_model).requires_grad_(False).eval()
+            conditioner.refresh(cache=False)  # encodings change every step
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.cond_dropout, self.config, self.seed = cond_dropout, config, seed
         self.skipped_steps = 0
@@ -93,6 +102,8 @@ class DiffusionModule(L.LightningModule):
         super().train(mode)
         if self.stage is not None:  # frozen: never in training mode (dropout, norms)
             self.stage.eval()
+        if self.text_lora:  # adapters train, but without the encoder's dropout (as the frozen encoder runs)
+            self.text_encoder.eval()
         return self
 
     @torch.no_grad()
@@ -124,10 +135,14 @@ class DiffusionModule(L.LightningModule):
         # rows (the batch sampler gives rank r the rows r::world): R processes then compute
         # exactly what one process computes on the global batch.
         world, rank, b = self.trainer.world_size if self._trainer else 1, self.global_rank, x0.shape[0]
-        with torch.no_grad():
+        # the frozen encoder's condition needs no graph; adapters on the encoder (text_lora) train through it
+        with torch.set_grad_enabled(self.text_lora):
             cond = self.prompt_cond(batch)
             keep = torch.rand(b * world, generator=rng, device=x0.device)[rank::world] >= self.cond_dropout
-            cond = Cond.where(keep, cond, self.conditioner.null()) if self.cond_dropout > 0 else cond
+            if self.cond_dropout > 0:
+                null = self.conditioner.encode_trainable([""]) if self.text_lora else self.conditioner.null()
+                cond = Cond.where(keep, cond, null)
+        with torch.no_grad():
             if self.mask_sampler is not None:
                 cond = with_concat(cond, self._editing_channels(x0, rng, world, rank))
         modality = batch.get("modality")
@@ -158,6 +173,8 @@ class DiffusionModule(L.LightningModule):
         """The prompts' condition: stored in the batch (pre-encoded shards: no text encoding) or encoded."""
         if "tokens" in batch:
             return Cond(tokens=batch["tokens"], mask=batch["mask"], pooled=batch["pooled"])
+        if self.text_lora:  # the adapters train: through the encoder with autograd, nothing cached
+            return self.conditioner.encode_trainable(batch["text"])
         return self.conditioner.encode(batch["text"])
 
     def _editing_channels(self, x0: torch.Tensor, rng: torch.Generator, world: int, rank: int) -> torch.Tensor:
@@ -213,18 +230,34 @@ class DiffusionModule(L.LightningModule):
         # written there would miss this step's update and a run resumed from it would drift.
         # Lightning counts the step after this hook returns: this is step global_step + 1.
         ema_update(self.ema, self.denoiser, ema_decay(self.global_step + 1, self.options.ema_decay))
+        if self.text_lora:
+            ema_update(self.text_ema, self.text_encoder, ema_decay(self.global_step + 1, self.options.ema_decay))
 
     def configure_optimizers(self):
         # frozen weights (the base model under LoRA adapters) stay out of the optimizer
-        return optimizers([p for p in self.denoiser.parameters() if p.requires_grad], self.optimizer_factory,
-                          self.lr_scheduler_factory)
+        trained = [p for p in self.denoiser.parameters() if p.requires_grad]
+        if self.text_lora:
+            trained += [p for p in self.text_encoder.parameters() if p.requires_grad]
+        return optimizers(trained, self.optimizer_factory, self.lr_scheduler_factory)
+
+    def frozen_text_keys(self) -> list[str]:
+        """State-dict keys of the text encoder's (and its EMA's) frozen base weights: the published
+        ones, which every run rebuilds from its config, so checkpoints leave them out."""
+        if not self.text_lora:
+            return []
+        return [k for k in self.state_dict() if k.startswith(("text_encoder.", "text_ema.")) and ".lora_" not in k]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["multidiff_skipped_steps"] = self.skipped_steps
         store_config(checkpoint, self.config)
+        for key in self.frozen_text_keys():
+            checkpoint["state_dict"].pop(key, None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = int(checkpoint.get("multidiff_skipped_steps", 0))
+        own = self.state_dict()
+        for key in self.frozen_text_keys():  # the base weights this run was built with (strict loading)
+            checkpoint["state_dict"].setdefault(key, own[key])
 
 
 def optimizers(parameters, optimizer: partial, lr_scheduler: partial | None = None):

@@ -111,6 +111,9 @@ class LoraOptions(Options):
     """dropout on the adapters' input, in [0, 1)."""
     target_modules: list[str] | None = None
     """names of the linear layers to adapt (null: every attention projection of the backbone)."""
+    text_encoder: bool = False
+    """also adapt the text encoder's attention projections (same rank, alpha and dropout): they train
+    beside the backbone's, are averaged by the EMA, and export and load with them (RUN/model/text_encoder/)."""
 
     def rules(self):
         return [
