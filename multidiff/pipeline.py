@@ -209,7 +209,8 @@ def mask_conditioning_arguments(cfg: DictConfig, latent_shape: tuple[int, ...]) 
 
 # Keys of a model config that name a folder the export holds a copy of: written relative to the
 # export (so it can move) and read back as paths inside it.
-OWN_FOLDERS = {"backbone.path": "backbone", "autoencoder.path": "autoencoder/diffusers",
+OWN_FOLDERS = {"backbone.path": "backbone", "backbone.projection_path": "backbone/projection_model",
+               "autoencoder.path": "autoencoder/diffusers",
                "conditioning.encoder.encoder": "text_encoder"}
 
 
@@ -231,8 +232,9 @@ def export_model(directory: str | Path, cfg: DictConfig, backbone, stage: Latent
         if stage is not None and not stage.is_identity:
             stage.save_pretrained(tmp / "autoencoder")
         own = {}
-        if OmegaConf.select(model_cfg, "backbone.path") and (tmp / "backbone" / "config.json").is_file():
-            own["backbone.path"] = "backbone"
+        for key in ("backbone.path", "backbone.projection_path"):
+            if OmegaConf.select(model_cfg, key) and (tmp / OWN_FOLDERS[key] / "config.json").is_file():
+                own[key] = OWN_FOLDERS[key]
         if OmegaConf.select(model_cfg, "autoencoder.path") and (tmp / "autoencoder" / "diffusers").is_dir():
             own["autoencoder.path"] = "autoencoder/diffusers"
         source = OmegaConf.select(model_cfg, "conditioning.encoder.encoder")
@@ -530,6 +532,7 @@ class Pipeline:
             region = {o.name: options.pop(o.name) for o in self.adapter.region_options()}
             edit = self.prepare_edit(init, mask, strength, harmonize, options, region)
             data_shape = tuple(self.adapter.sample_shape(**options))
+            inputs = self.adapter.condition_inputs(**options)
         except ValueError as e:  # the adapter rejects an option (unknown name, bad value), a bad region
             raise GenerationError(str(e)) from None
         flat = [p for p in prompts for _ in range(num_samples)]
@@ -549,6 +552,7 @@ class Pipeline:
             z = self.sample_tensors(
                 chunk, chunk_seeds, latent_shape, fn, sigmas, guidance_scale, negative_prompt,
                 callback=bar, edit=latent_edit, noise=None if noise is None else noise[start : start + batch_size],
+                inputs=inputs,
             )
             paste = None if edit is None or edit.keep is None else (edit.known, edit.keep)
             outputs.extend(self.adapter.fit_length(raw, **options).cpu()
@@ -572,13 +576,14 @@ class Pipeline:
         return Edit(known, keep, edit.strength, edit.harmonize, edit.record)
 
     def sample_tensors(self, prompts, seeds, shape, fn, sigmas, guidance_scale, negative_prompt=None, callback=None,
-                       edit: Edit | None = None, noise: Tensor | None = None):
+                       edit: Edit | None = None, noise: Tensor | None = None, inputs: dict | None = None):
         """Model tensors ``(B, *shape)`` (latents of a latent model) for prompts and per-sample seeds (no decoding);
-        ``edit``: an edit in this space (see :meth:`prepare_edit`); ``noise``: the initial noise instead of the seeds'."""
+        ``edit``: an edit in this space (see :meth:`prepare_edit`); ``noise``: the initial noise instead of the seeds';
+        ``inputs``: the adapter's :meth:`~multidiff.adapters.base.Adapter.condition_inputs` for the request."""
         return sample_prompts(
             self.denoiser, self.conditioner, prompts, seeds, shape, fn, sigmas,
             guidance_scale=guidance_scale, negative_prompt=negative_prompt, device=self.device, callback=callback,
-            edit=edit, modality=self.modality, noise=noise,
+            edit=edit, modality=self.modality, noise=noise, inputs=inputs,
         )
 
     def _grid(self, steps: int, sigmas: Tensor | None) -> Tensor:
@@ -720,7 +725,7 @@ def _read_input(value, load, name: str) -> Tensor:
 @torch.inference_mode()
 def sample_prompts(denoiser, conditioner, prompts, seeds, shape, fn, sigmas, *, guidance_scale, negative_prompt=None,
                    device="cpu", callback=None, edit: Edit | None = None, modality: int | None = None,
-                   noise: Tensor | None = None) -> Tensor:
+                   noise: Tensor | None = None, inputs: dict | None = None) -> Tensor:
     """Sample model tensors ``(B, *shape)``: seeded noise, prompts encoded, CFG, then ``fn``.
 
     ``callback`` (e.g. a tqdm bar) gets ``update(1)`` after every sampler step. ``edit`` (in the
@@ -729,7 +734,8 @@ def sample_prompts(denoiser, conditioner, prompts, seeds, shape, fn, sigmas, *, 
     backbone (``concat_channels``) also sees the region and the input as extra channels.
     ``modality``: the index of the modality to generate with a model of several (``cond.modality``).
     The start is ``noise * parameterization.start_scale(sigmas[0])`` (unit noise in the process's own
-    frame); ``noise`` given replaces the seeds' draw of it.
+    frame); ``noise`` given replaces the seeds' draw of it. ``inputs``: input fields of the condition
+    (one item's values, e.g. ``seconds``), given to every sample and both guidance branches.
     """
     gen = with_prior(PerSampleGenerator(seeds), getattr(denoiser, "noise_prior", None))
     sigmas = sigmas.to(torch.float32)
@@ -743,6 +749,9 @@ def sample_prompts(denoiser, conditioner, prompts, seeds, shape, fn, sigmas, *, 
     cond = conditioner.encode(prompts)
     if modality is not None:  # an input field: guidance hands it to the unconditional branch too
         cond = with_input(cond, modality=torch.full((len(prompts),), modality, dtype=torch.long, device=device))
+    if inputs:
+        cond = with_input(cond, **{k: torch.tensor([list(v)] * len(prompts), dtype=torch.float32, device=device)
+                                   for k, v in inputs.items()})
     uncond = conditioner.encode([negative_prompt]) if negative_prompt else conditioner.null()
     guided = CFGDenoiser(denoiser, uncond, guidance_scale)
     if edit is not None:

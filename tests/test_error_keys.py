@@ -49,6 +49,10 @@ CONTEXTUAL = {
     "modality.vocoder.weights": "a ModuleVocoder's weights file: the user configures one (docs/audio.md)",
     "conditioning.encoder.encoder_class": "set by the import of a diffusers pipeline (Wan's UMT5EncoderModel)",
     "backbone.path": "the folder of an imported pipeline's network (PretrainedUNet2D, PretrainedWanTransformer)",
+    "backbone.projection_path": "Stable Audio's projection model folder (PretrainedStableAudioDiT)",
+    "conditioning.encoder.null": "set by the import of a Stable Audio pipeline (zeros); the default elsewhere",
+    "diffusion.parameterization.c_noise": "an EDMPrecond option, set by the import of a diffusers EDM scheduler",
+    "modality.window": "a WaveformAdapter option (Stable Audio's imported modality)",
 }
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import multidiff_cli
-from tiny_pipelines import save_tiny_stable_diffusion
+from tiny_pipelines import copy_pipeline, edit_json, save_tiny_stable_diffusion
 
 import multidiff
 from multidiff.pipeline import GenerationError, ModelLoadError
@@ -113,23 +113,14 @@ def test_generate_cli_writes_images_from_a_pipeline_directory(sd_dir, tmp_path):
     assert [r["prompt"] for r in rows] == ["a red square"] * 2
 
 
-def _copy(sd_dir: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(sd_dir, tmp_path / "copy"))
-
-
-def _edit_index(directory: Path, **changes) -> None:
-    index = json.loads((directory / "model_index.json").read_text())
-    index.update(changes)
-    (directory / "model_index.json").write_text(json.dumps(index))
-
-
 @pytest.mark.parametrize(
     "damage,expected",
     [
-        (lambda d: _edit_index(d, _class_name="KandinskyPipeline"),
+        (lambda d: edit_json(d / "model_index.json", _class_name="KandinskyPipeline"),
          r"diffusers KandinskyPipeline, which multidiff does not import; it imports StableDiffusionPipeline"),
-        (lambda d: _edit_index(d, _class_name=["my_pipeline", "MyPipeline"]), r"custom pipeline.*never runs code"),
-        (lambda d: _edit_index(d, unet=["my_unets", "FancyUNet"]), r"takes unet from 'my_unets'.*custom code"),
+        (lambda d: edit_json(d / "model_index.json", _class_name=["my_pipeline", "MyPipeline"]),
+         r"custom pipeline.*never runs code"),
+        (lambda d: edit_json(d / "model_index.json", unet=["my_unets", "FancyUNet"]), r"takes unet from 'my_unets'.*custom code"),
         (lambda d: shutil.rmtree(d / "unet"), r"cannot be imported: the folder unet/ is missing"),
         (lambda d: (d / "text_encoder" / "model.safetensors").rename(d / "text_encoder" / "pytorch_model.bin"),
          r"text_encoder/ has no safetensors weights \(only pytorch_model.bin: pickled"),
@@ -140,14 +131,14 @@ def _edit_index(directory: Path, **changes) -> None:
          "no-scheduler-config", "damaged-index"],
 )
 def test_unimportable_directories_are_refused_in_one_paragraph(sd_dir, tmp_path, damage, expected):
-    directory = _copy(sd_dir, tmp_path)
+    directory = copy_pipeline(sd_dir, tmp_path)
     damage(directory)
     with pytest.raises(ModelLoadError, match=expected):
         multidiff.load(directory, device="cpu")
 
 
 def test_the_cli_refuses_a_half_present_directory_without_a_traceback(sd_dir, tmp_path):
-    directory = _copy(sd_dir, tmp_path)
+    directory = copy_pipeline(sd_dir, tmp_path)
     shutil.rmtree(directory / "vae")
     proc = multidiff_cli("generate", f"model={directory}", "prompt=x", f"out={tmp_path / 'o'}", check=False)
     assert proc.returncode != 0

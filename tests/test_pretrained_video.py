@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import multidiff_cli
-from tiny_pipelines import save_tiny_wan
+from tiny_pipelines import copy_pipeline, edit_json, save_tiny_wan
 
 import multidiff
 from multidiff.pipeline import ModelLoadError
@@ -108,29 +108,19 @@ def test_generate_cli_writes_clips_from_a_wan_directory(wan_dir, tmp_path):
     assert len(list(gif.glob("*.gif"))) == 1
 
 
-def _copy(src: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(src, tmp_path / "copy"))
-
-
-def _edit_json(file: Path, **changes) -> None:
-    data = json.loads(file.read_text())
-    data.update(changes)
-    file.write_text(json.dumps(data))
-
-
 @pytest.mark.parametrize(
     "damage,expected",
     [
-        (lambda d: _edit_json(d / "model_index.json", transformer_2=["diffusers", "WanTransformer3DModel"],
+        (lambda d: edit_json(d / "model_index.json", transformer_2=["diffusers", "WanTransformer3DModel"],
                               boundary_ratio=0.875),
          r"transformer_2=.*Wan 2.2 two-expert .* imports single-transformer Wan 2.1"),
-        (lambda d: _edit_json(d / "model_index.json", expand_timesteps=True), r"expand_timesteps=True"),
-        (lambda d: _edit_json(d / "transformer" / "config.json", image_dim=32), r"image-to-video Wan"),
-        (lambda d: _edit_json(d / "scheduler" / "scheduler_config.json", use_flow_sigmas=False),
+        (lambda d: edit_json(d / "model_index.json", expand_timesteps=True), r"expand_timesteps=True"),
+        (lambda d: edit_json(d / "transformer" / "config.json", image_dim=32), r"image-to-video Wan"),
+        (lambda d: edit_json(d / "scheduler" / "scheduler_config.json", use_flow_sigmas=False),
          r"use_flow_sigmas=False.*prediction_type=flow_prediction"),
-        (lambda d: _edit_json(d / "scheduler" / "scheduler_config.json", use_dynamic_shifting=True),
+        (lambda d: edit_json(d / "scheduler" / "scheduler_config.json", use_dynamic_shifting=True),
          r"use_dynamic_shifting=True, which multidiff's flow schedule does not implement"),
-        (lambda d: _edit_json(d / "model_index.json", text_encoder=["transformers", "CLIPTextModel"]),
+        (lambda d: edit_json(d / "model_index.json", text_encoder=["transformers", "CLIPTextModel"]),
          r"text_encoder is a CLIPTextModel, not UMT5EncoderModel or T5EncoderModel"),
         (lambda d: shutil.rmtree(d / "transformer"), r"the folder transformer/ is missing"),
     ],
@@ -138,7 +128,7 @@ def _edit_json(file: Path, **changes) -> None:
          "missing-transformer"],
 )
 def test_unimportable_wan_directories_are_refused_in_one_paragraph(wan_dir, tmp_path, damage, expected):
-    directory = _copy(wan_dir, tmp_path)
+    directory = copy_pipeline(wan_dir, tmp_path)
     damage(directory)
     with pytest.raises(ModelLoadError, match=expected) as info:
         multidiff.load(directory, device="cpu")

@@ -4,6 +4,7 @@ saved to a local directory, as diffusers' own test suite builds them (nothing is
 from __future__ import annotations
 
 import json
+import shutil
 import string
 from pathlib import Path
 
@@ -121,3 +122,58 @@ def save_tiny_wan(directory: Path, *, scheduler: str = "UniPCMultistepScheduler"
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=sched)
     pipe.save_pretrained(str(directory), safe_serialization=True)
     return Path(directory)
+
+
+def save_tiny_stable_audio(directory: Path, *, scheduler: str = "EDMDPMSolverMultistepScheduler", seed: int = 0,
+                           sample_size: int = 32) -> Path:
+    """A StableAudioPipeline as diffusers' own tests build it: a 2-layer StableAudioDiTModel over 4 latent
+    channels (``sample_size`` latent positions), a stereo AutoencoderOobleck at 1 kHz compressing 4x (so the
+    window is 0.128 s), a 2-layer T5 encoder and the projection model (seconds 0-1), random weights from ``seed``; ``scheduler``
+    EDMDPMSolverMultistepScheduler (the pipeline's annotated one) or CosineDPMSolverMultistepScheduler
+    (what stable-audio-open-1.0 ships), both with Stable Audio's settings (v-prediction, sigma_data 1,
+    exponential grid from 500 to 0.3)."""
+    from diffusers import (
+        AutoencoderOobleck,
+        CosineDPMSolverMultistepScheduler,
+        EDMDPMSolverMultistepScheduler,
+        StableAudioDiTModel,
+        StableAudioPipeline,
+    )
+    from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = StableAudioDiTModel(
+        sample_size=sample_size, in_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=2,
+        num_key_value_attention_heads=2, out_channels=4, cross_attention_dim=4, time_proj_dim=8,
+        global_states_input_dim=8, cross_attention_input_dim=4)
+    vae = AutoencoderOobleck(encoder_hidden_size=8, downsampling_ratios=[1, 2, 2], decoder_channels=3,
+                             decoder_input_channels=4, audio_channels=2, channel_multiples=[2, 4, 6],
+                             sampling_rate=1000)
+    tokenizer = tiny_t5_tokenizer(max_length=16)
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=8, d_kv=4, d_ff=16, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    projection = StableAudioProjectionModel(text_encoder_dim=8, conditioning_dim=4, min_value=0, max_value=1)
+    settings = dict(sigma_min=0.3, sigma_max=500, sigma_data=1.0, sigma_schedule="exponential",
+                    prediction_type="v_prediction", solver_order=2, final_sigmas_type="zero")
+    if scheduler == "CosineDPMSolverMultistepScheduler":
+        sched = CosineDPMSolverMultistepScheduler(**settings)
+    else:
+        sched = EDMDPMSolverMultistepScheduler(**settings, algorithm_type="dpmsolver++")
+    pipe = StableAudioPipeline(vae=vae, text_encoder=text_encoder, projection_model=projection, tokenizer=tokenizer,
+                               transformer=transformer, scheduler=sched)
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    return Path(directory)
+
+
+def copy_pipeline(src: Path, tmp_path: Path) -> Path:
+    """A copy of a saved pipeline directory to damage."""
+    return Path(shutil.copytree(src, tmp_path / "copy"))
+
+
+def edit_json(file: Path, **changes) -> None:
+    """Set keys of a JSON file (a pipeline's index or a part's config)."""
+    data = json.loads(file.read_text())
+    data.update(changes)
+    file.write_text(json.dumps(data))

@@ -301,24 +301,30 @@ class AudioAdapter(Adapter):
 
     def log_media(self, logger, raws: list[Tensor], prompts: list[str], step: int, out_dir: str | Path, *,
                   prefix: str = "") -> None:
-        """WAVs into ``out_dir/step_NNNNNN_KK.wav`` (+ the prompts) and audio to the logger.
+        """WAVs into ``out_dir`` and audio to the logger: :func:`log_audio_media`."""
+        log_audio_media(self, logger, raws, prompts, step, out_dir, prefix=prefix)
 
-        TensorBoard (``experiment.add_audio``) gets each clip; other loggers get the files only.
-        Writing is idempotent, so several loggers do not duplicate anything.
-        """
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lines = []
+
+def log_audio_media(adapter, logger, raws: list[Tensor], prompts: list[str], step: int, out_dir: str | Path, *,
+                    prefix: str = "") -> None:
+    """WAVs into ``out_dir/step_NNNNNN_KK.wav`` (+ the prompts, through ``adapter.save``) and audio to the logger.
+
+    TensorBoard (``experiment.add_audio``) gets each clip (mixed to mono); other loggers get the files
+    only. Writing is idempotent, so several loggers do not duplicate anything.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, (raw, prompt) in enumerate(zip(raws, prompts)):
+        name = f"step_{step:06d}_{k:02d}.wav"
+        adapter.save(raw, out_dir / name)
+        lines.append(f"{name}\t{prompt}\n")
+    (out_dir / f"step_{step:06d}_prompts.tsv").write_text("".join(lines), encoding="utf-8")
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "add_audio"):
         for k, (raw, prompt) in enumerate(zip(raws, prompts)):
-            name = f"step_{step:06d}_{k:02d}.wav"
-            self.save(raw, out_dir / name)
-            lines.append(f"{name}\t{prompt}\n")
-        (out_dir / f"step_{step:06d}_prompts.tsv").write_text("".join(lines), encoding="utf-8")
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_audio"):
-            for k, (raw, prompt) in enumerate(zip(raws, prompts)):
-                clip = raw.detach().float().reshape(1, -1).clamp(-1, 1).cpu()
-                experiment.add_audio(f"{prefix}samples/{k:02d} {prompt}", clip, step, sample_rate=self.sample_rate)
+            clip = raw.detach().float().reshape(-1, raw.shape[-1]).mean(0, keepdim=True).clamp(-1, 1).cpu()
+            experiment.add_audio(f"{prefix}samples/{k:02d} {prompt}", clip, step, sample_rate=adapter.sample_rate)
 
 
 def _check_settings(*, sample_rate, n_fft, hop_length, n_mels, f_min, f_max, log_floor, std, frames, crop) -> None:

@@ -93,6 +93,8 @@ class Adapter:
       model-tensor shape to generate, extra ``metadata.jsonl`` fields, a decoded sample fitted to
       the request (e.g. audio trimmed to the exact duration) and keyword arguments for :meth:`save`
       (e.g. a clip's playback rate); defaults: :attr:`shape`, ``{}``, unchanged, ``{}``.
+      :meth:`condition_inputs` ``(**options)``: values the model is conditioned on that follow from
+      the request (a windowed waveform's ``seconds``); none by default.
     - :attr:`formats`: the suffixes :meth:`save` writes (``generate format=`` picks one).
     - editing (``generate init=FILE mask=... strength=...``, ``docs/editing.md``):
       :meth:`region_options` (the modality's ways to describe a region: a box, a span of seconds,
@@ -264,6 +266,12 @@ class Adapter:
     def sample_shape(self, **options) -> tuple[int, ...]:
         """Model-tensor shape ``(C, *dims)`` to generate for :meth:`read_options`' result; default :attr:`shape`."""
         return self.shape
+
+    def condition_inputs(self, **options) -> dict[str, list[float]]:
+        """Input fields of the :class:`~multidiff.core.cond.Cond` that follow from generation options,
+        one item's values (e.g. ``seconds``: where a windowed waveform's audio starts and ends, see
+        :class:`~multidiff.adapters.waveform.WaveformAdapter`); none by default."""
+        return {}
 
     def metadata(self, **options) -> dict:
         """Extra per-sample fields for ``metadata.jsonl`` (e.g. ``sample_rate``), JSON-serializable."""

@@ -113,6 +113,85 @@ class PretrainedWanTransformer(Backbone):
         self.transformer.load_state_dict(load_file(Path(directory) / self.weights_name))
 
 
+class PretrainedStableAudioDiT(Backbone):
+    """diffusers' ``StableAudioDiTModel`` with its pipeline's ``StableAudioProjectionModel``
+    (``projection_path``), both unchanged: Stable Audio's denoiser and duration conditioning.
+
+    Items are latent sequences ``(C, L)``, any length. The projection maps the text tokens
+    (``cond.tokens``, padding zeroed by ``cond.mask``) to the DiT's width and turns the condition's
+    ``seconds`` (start, end; the whole item, ``L * seconds_per_position``, where the condition has
+    none) into two more cross-attention tokens and the global embedding, as ``StableAudioPipeline``
+    does. A condition with no real token (the text conditioner's ``null=zeros``) is Stable Audio's
+    unconditional branch: every cross-attention token zero, the seconds' global embedding kept.
+    ``c_noise`` is its timestep (the EDM parameterization's ``atan`` map for the published model).
+    """
+
+    ranks = (1,)
+    weights_name = "diffusion_pytorch_model.safetensors"
+    projection_folder = "projection_model"
+
+    def __init__(self, *, shape: Sequence[int], path: str | Path, projection_path: str | Path,
+                 seconds_per_position: float, concat_channels: int = 0) -> None:
+        super().__init__(shape=shape, concat_channels=concat_channels)
+        from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel
+
+        self.path, self.projection_path = Path(path), Path(projection_path)
+        self.seconds_per_position = float(seconds_per_position)
+        self.transformer = load_published(self.path, "StableAudioDiTModel", "transformer/", self.input_channels)
+        read_model_config(self.projection_path, "StableAudioProjectionModel")
+        self.projection = StableAudioProjectionModel.from_pretrained(self.projection_path, local_files_only=True,
+                                                                     use_safetensors=True)
+        self.text_dim = int(self.projection.config.text_encoder_dim)
+        self.head_dim = int(self.transformer.config.attention_head_dim)
+        self._rotary: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def rotary(self, length: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The rotary table over the global token and ``length`` positions, as the pipeline builds it."""
+        if length not in self._rotary:
+            from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+            self._rotary[length] = get_1d_rotary_pos_embed(self.head_dim // 2, length + 1, use_real=True,
+                                                           repeat_interleave_real=False)
+        return tuple(t.to(like.device) for t in self._rotary[length])
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
+        self.check_input(x)
+        b, length = x.shape[0], x.shape[-1]
+        dtype = self.projection.dtype
+        if cond is not None and cond.seconds is not None:
+            seconds = cond.seconds.to(device=x.device, dtype=torch.float32)
+        else:
+            seconds = x.new_tensor([[0.0, length * self.seconds_per_position]], dtype=torch.float32).expand(b, 2)
+        start = self.projection.start_number_conditioner(seconds[:, 0])
+        end = self.projection.end_number_conditioner(seconds[:, 1])
+        if cond is not None and cond.tokens is not None:
+            tokens = cond.tokens.to(device=x.device, dtype=dtype)
+            if tokens.shape[-1] != self.text_dim:
+                raise BackboneShapeError(f"the text tokens are {tokens.shape[-1]} wide but the projection model in "
+                                         f"{self.projection_path} takes {self.text_dim}-wide ones: the pipeline's "
+                                         "text_encoder/ and projection_model/ do not belong together")
+            mask = cond.mask.to(x.device) if cond.mask is not None else torch.ones(tokens.shape[:2], dtype=torch.bool,
+                                                                                   device=x.device)
+            text = self.projection.text_projection(tokens) * mask[..., None].to(dtype)
+            real = mask.any(1)
+        else:  # no prompt: the unconditional branch
+            text, real = start.new_zeros(b, 0, start.shape[-1]), torch.zeros(b, dtype=torch.bool, device=x.device)
+        context = torch.cat([text, start, end], dim=1) * real[:, None, None].to(dtype)
+        out = self.transformer(x, c_noise.to(x.dtype), encoder_hidden_states=context.to(x.dtype),
+                               global_hidden_states=torch.cat([start, end], dim=2).to(x.dtype),
+                               rotary_embedding=self.rotary(length, x), return_dict=False)[0]
+        return out
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """diffusers' layout: the DiT in ``directory``, the projection model in ``directory/projection_model``."""
+        self.transformer.save_pretrained(str(directory), safe_serialization=True)
+        self.projection.save_pretrained(str(Path(directory) / self.projection_folder), safe_serialization=True)
+
+    def load_pretrained(self, directory: str | Path) -> None:
+        self.transformer.load_state_dict(load_file(Path(directory) / self.weights_name))
+        self.projection.load_state_dict(load_file(Path(directory) / self.projection_folder / self.weights_name))
+
+
 def load_published(path: Path, class_name: str, folder: str, input_channels: int):
     """The diffusers ``class_name`` saved in ``path`` (safetensors only, nothing downloaded), after
     checking that it takes ``input_channels`` channels (the latents of the pipeline's ``vae/``)."""

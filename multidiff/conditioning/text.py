@@ -146,7 +146,12 @@ class TextConditioner:
             (``UMT5EncoderModel`` for Wan's encoder-only UMT5); see :data:`ENCODER_CLASSES`.
         clean: tidy each prompt before tokenizing as Wan's pipelines do (HTML entities unescaped,
             runs of whitespace made one space, ends stripped).
+        null: the null condition of classifier-free guidance and condition dropout: ``empty_prompt``
+            (the encoding of ``""``) or ``zeros`` (every token zero and masked out, pooled zero:
+            Stable Audio's unconditional branch, which its backbone reads as "no condition at all").
     """
+
+    NULLS = ("empty_prompt", "zeros")
 
     def __init__(
         self,
@@ -161,9 +166,13 @@ class TextConditioner:
         encoder_subfolder: str | None = None,
         encoder_class: str | None = None,
         clean: bool = False,
+        null: str = "empty_prompt",
     ) -> None:
         if padding not in ("mask", "keep"):
             raise ConditioningError(f"conditioning.encoder.padding={padding!r} is not one of mask, keep")
+        if null not in self.NULLS:
+            raise ConditioningError(f"conditioning.encoder.null={null!r} is not one of {', '.join(self.NULLS)}")
+        self.null_kind = null
         if encoder != DEFAULT_ENCODER:
             sha256 = sha256 if sha256 != DEFAULT_SHA256 else None
         source = resolve_encoder(encoder, sha256)
@@ -279,8 +288,11 @@ class TextConditioner:
         self._null = None
 
     def null(self, batch: int = 1) -> Cond:
-        """The null condition (the empty prompt) for classifier-free guidance, batch ``batch``."""
+        """The null condition (the empty prompt, or zeros: ``null``) for classifier-free guidance, batch ``batch``."""
         null = self._null if self._null is not None else self.encode([""])
+        if self.null_kind == "zeros" and self._null is None:
+            null = Cond(tokens=torch.zeros_like(null.tokens), mask=torch.zeros_like(null.mask),
+                        pooled=torch.zeros_like(null.pooled))
         if self.cache_size > 0:
             self._null = null
         return null.repeat_interleave(batch)

@@ -23,6 +23,9 @@ class Cond:
         modality: ``(B,)`` int64, which modality of a model of several the batch is (an index into
             its list, see :class:`~multidiff.backbones.dit.DiT`); also a description of the input,
             handled like ``concat``.
+        seconds: ``(B, 2)`` float, where the item sits in its source recording: start and end in
+            seconds (Stable Audio's ``seconds_start`` / ``seconds_total``; a waveform adapter sets
+            them from the requested duration). Also a description of the input, like ``concat``.
     """
 
     tokens: Tensor | None = None
@@ -31,6 +34,7 @@ class Cond:
     labels: Tensor | None = None
     concat: Tensor | None = None
     modality: Tensor | None = None
+    seconds: Tensor | None = None
 
     def _tensors(self):
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -84,7 +88,7 @@ class Cond:
         return Cond(**out)
 
 
-INPUT_FIELDS = ("concat", "modality")
+INPUT_FIELDS = ("concat", "modality", "seconds")
 """Fields of a :class:`Cond` that describe the input rather than the prompt: guidance gives the
 unconditional branch the conditional one's, condition dropout keeps them."""
 

@@ -12,6 +12,8 @@ for v, ``noise - x0`` for flow, and so on: one loss serves all of them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -86,21 +88,40 @@ class X0Prediction(_VPTimestep):
 
 
 class EDMPrecond(Parameterization):
-    """EDM preconditioning (Karras et al. 2022, Table 1), ``c_noise = ln(sigma) / 4``."""
+    """EDM preconditioning (Karras et al. 2022, Table 1), ``c_noise = ln(sigma) / 4``.
+
+    Options for models trained otherwise in the same frame (diffusers' EDM schedulers):
+    ``c_noise="atan"``: ``c_noise = atan(sigma) * 2 / pi``, the cosine (v-diffusion) time of the
+    sigma (Stable Audio); ``negate_output``: the network predicts ``-F`` (diffusers'
+    ``prediction_type=v_prediction`` for these schedulers, ``c_out`` negated); ``marginal_start``:
+    sampling starts from ``noise * sqrt(sigma^2 + 1)`` (diffusers' ``init_noise_sigma``) instead of
+    ``noise * sigma``.
+    """
 
     prediction = "edm"
+    C_NOISE = ("log", "atan")
 
-    def __init__(self, sigma_data: float = 0.5) -> None:
-        self.sigma_data = sigma_data
+    def __init__(self, sigma_data: float = 0.5, c_noise: str = "log", negate_output: bool = False,
+                 marginal_start: bool = False) -> None:
+        if c_noise not in self.C_NOISE:
+            raise ValueError(f"diffusion.parameterization.c_noise={c_noise!r} is not one of {', '.join(self.C_NOISE)}")
+        self.sigma_data, self.noise_map = sigma_data, c_noise
+        self.sign = -1.0 if negate_output else 1.0
+        self.marginal_start = bool(marginal_start)
+
+    def start_scale(self, sigma: float) -> float:
+        return math.sqrt(sigma * sigma + 1.0) if self.marginal_start else float(sigma)
 
     def scalings(self, sigma):
         sd2 = self.sigma_data**2
         c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
+        c_out = self.sign * sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
         c_in = (sigma**2 + sd2).rsqrt()
         return c_skip, c_out, c_in
 
     def c_noise(self, sigma):
+        if self.noise_map == "atan":
+            return sigma.atan() * (2 / math.pi)
         return sigma.clamp_min(1e-20).log() / 4
 
 

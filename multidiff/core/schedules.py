@@ -157,6 +157,24 @@ class KarrasSchedule:
         return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
 
 
+class ExponentialSchedule:
+    """A grid uniform in ``log sigma`` from ``sigma_max`` down to ``sigma_min``, then 0 (k-diffusion's
+    ``get_sigmas_exponential``; diffusers' EDM schedulers' ``sigma_schedule=exponential``, Stable Audio's)."""
+
+    max_steps = None
+
+    def __init__(self, sigma_min: float = 0.3, sigma_max: float = 500.0) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"ExponentialSchedule needs 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def sigmas(self, steps: int) -> Tensor:
+        _check_steps(steps)
+        # float32 throughout, as diffusers computes it, so imported models sample on the same grid
+        grid = torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), steps).exp().flip(0)
+        return append_zero(grid.float())
+
+
 class FlowSchedule:
     """The linear flow-matching path ``x_t = (1 - t) x0 + t noise`` (rectified flow, SD3).
 

@@ -2,12 +2,15 @@
 loads and runs (the reverse of :mod:`multidiff.pretrained.pipelines`).
 
 Every part must have a diffusers counterpart that computes the same function, or the export is
-refused naming the part. Two layouts have one:
+refused naming the part. Three layouts have one:
 
 * ``StableDiffusionPipeline``: an image model with an ``AutoencoderKL`` stage (global latent scale,
   no shift), a plain conditional diffusers UNet (no coordinate channels, class labels, pooled-prompt
   path or mask channels), a VP schedule with an eps, v or x0 parameterization, and a CLIP text
   encoder used as Stable Diffusion uses it (``padding=keep``, the tokenizer's own length);
+* ``StableAudioPipeline``: a windowed waveform model with a raw ``AutoencoderOobleck`` stage, the
+  Stable Audio DiT and projection model, an EDM process on an exponential or Karras grid (the
+  cosine scheduler where ``c_noise`` is ``atan``), and a T5 encoder with zero null condition;
 * ``WanPipeline``: a video model with an ``AutoencoderKLWan`` stage, a ``WanTransformer3DModel``
   backbone, a flow process on one of diffusers' flow grids started from unit noise, and a
   (U)MT5 encoder with its padding zeroed (``padding=mask``).
@@ -45,18 +48,24 @@ def _unet(backbone):
     return unet, None
 
 
+_TRANSFORMER_FAMILIES = {"WanTransformer3DModel": "WanPipeline", "StableAudioDiTModel": "StableAudioPipeline"}
+
+
 def diffusers_family(pipe) -> str:
     """The diffusers pipeline class ``pipe`` would be written as: ``WanPipeline`` for a Wan transformer
-    backbone, else ``StableDiffusionPipeline``."""
-    return "WanPipeline" if type(getattr(pipe.denoiser.backbone, "transformer", None)).__name__ == \
-        "WanTransformer3DModel" else "StableDiffusionPipeline"
+    backbone, ``StableAudioPipeline`` for a Stable Audio DiT, else ``StableDiffusionPipeline``."""
+    name = type(getattr(pipe.denoiser.backbone, "transformer", None)).__name__
+    return _TRANSFORMER_FAMILIES.get(name, "StableDiffusionPipeline")
 
 
 def diffusers_problems(pipe) -> list[str]:
     """What keeps ``pipe`` (a :class:`~multidiff.pipeline.Pipeline`) from being a diffusers pipeline of
     :func:`diffusers_family`'s class; [] if nothing."""
-    if diffusers_family(pipe) == "WanPipeline":
+    family = diffusers_family(pipe)
+    if family == "WanPipeline":
         return _wan_problems(pipe)
+    if family == "StableAudioPipeline":
+        return _stable_audio_problems(pipe)
     return _sd_problems(pipe)
 
 
@@ -145,6 +154,70 @@ def _wan_problems(pipe) -> list[str]:
     return problems
 
 
+def _stable_audio_problems(pipe) -> list[str]:
+    from multidiff.core.denoiser import EDMPrecond
+    from multidiff.core.schedules import ExponentialSchedule, KarrasSchedule
+
+    problems = []
+    if getattr(pipe, "modality", None) is not None:
+        problems.append("it is one modality of a model of several")
+    adapter, backbone = pipe.adapter, pipe.denoiser.backbone
+    waveform = type(adapter).__name__ == "WaveformAdapter"  # (adapters sit above this layer: by name)
+    if not (waveform and adapter.window):
+        problems.append("its adapter is not a windowed waveform (modality.window=true), which StableAudioPipeline "
+                        "generates")
+    model = getattr(pipe.stage, "model", None)
+    if type(model).__name__ != "AutoencoderOobleck":
+        problems.append("its latent stage is not a diffusers AutoencoderOobleck")
+    elif bool((pipe.stage.latent_shift != 0).any()) or bool((pipe.stage.latent_scale != 1).any()):
+        problems.append("its latents are normalized (shift or scale), where StableAudioPipeline uses them raw")
+    elif waveform and \
+            tuple(pipe.stage.latent_shape(adapter.shape))[-1] != int(backbone.transformer.config.sample_size):
+        problems.append("its window is not the transformer's sample_size, which the pipeline always generates")
+    if getattr(backbone, "concat_channels", 0):
+        problems.append("its transformer takes mask channels (concat_channels), which StableAudioPipeline does not feed")
+    param, schedule = pipe.denoiser.parameterization, pipe.schedule
+    if not (isinstance(param, EDMPrecond) and param.marginal_start
+            and isinstance(schedule, ExponentialSchedule | KarrasSchedule)):
+        problems.append(f"its process ({type(param).__name__}, {type(schedule).__name__}) is not EDM with diffusers' "
+                        "start (marginal_start) on an exponential or Karras grid")
+    cond = pipe.conditioner
+    text = type(getattr(cond, "model", None)).__name__
+    if text != "T5EncoderModel":
+        problems.append(f"its text encoder is a {text}, not the T5EncoderModel StableAudioPipeline calls")
+    elif getattr(cond, "padding", None) != "mask" or getattr(cond, "null_kind", None) != "zeros" or \
+            cond.max_length != int(cond.tokenizer.model_max_length):
+        problems.append("its text conditioner is not the pipeline's (padding=mask, null=zeros, the tokenizer's "
+                        "model_max_length)")
+    return problems
+
+
+def _edm_scheduler(pipe):
+    from diffusers import CosineDPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler
+
+    from multidiff.core.schedules import KarrasSchedule
+
+    param, schedule = pipe.denoiser.parameterization, pipe.schedule
+    grid = dict(sigma_min=schedule.sigma_min, sigma_max=schedule.sigma_max, sigma_data=param.sigma_data,
+                prediction_type="v_prediction" if param.sign < 0 else "epsilon", final_sigmas_type="zero")
+    if isinstance(schedule, KarrasSchedule):
+        grid.update(sigma_schedule="karras", rho=schedule.rho)
+    else:
+        grid.update(sigma_schedule="exponential")
+    if param.noise_map == "atan":
+        return CosineDPMSolverMultistepScheduler(**grid)
+    return EDMDPMSolverMultistepScheduler(**grid, algorithm_type="dpmsolver++")
+
+
+def _stable_audio_pipeline(pipe):
+    from diffusers import StableAudioPipeline
+
+    backbone = pipe.denoiser.backbone
+    return StableAudioPipeline(vae=pipe.stage.model, text_encoder=pipe.conditioner.model,
+                               projection_model=backbone.projection, tokenizer=pipe.conditioner.tokenizer,
+                               transformer=backbone.transformer, scheduler=_edm_scheduler(pipe))
+
+
 def export_diffusers(pipe, out: str | Path) -> Path:
     """Write ``pipe`` as a diffusers pipeline directory in ``out`` (atomically): a StableDiffusionPipeline
     (a scheduler config for DDIM with the model's betas, spacing and prediction type) or a WanPipeline
@@ -157,7 +230,7 @@ def export_diffusers(pipe, out: str | Path) -> Path:
     if problems:
         raise PretrainedError(f"this model cannot be written as a diffusers {family}: "
                               + "; ".join(problems) + ". Export it as a multidiff model instead (format=multidiff)")
-    built = _wan_pipeline(pipe) if family == "WanPipeline" else _sd_pipeline(pipe)
+    built = {"WanPipeline": _wan_pipeline, "StableAudioPipeline": _stable_audio_pipeline}.get(family, _sd_pipeline)(pipe)
 
     def fill(tmp: Path) -> None:
         with torch.no_grad():

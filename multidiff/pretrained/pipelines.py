@@ -15,6 +15,7 @@ weights load with ``use_safetensors=True``), only ``multidiff.`` classes are bui
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,13 +224,121 @@ _WAN_COMPONENTS = {
     "scheduler": Component("diffusers", _FLOW_SCHEDULERS, ("scheduler_config.json",)),
 }
 
+# -- Stable Audio (text to audio) ------------------------------------------------------------------
+
+_EDM_SCHEDULERS = ("EDMDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler", "EDMEulerScheduler")
+
+
+def _scheduler_settings(scheduler: dict) -> dict:
+    """``scheduler`` over its diffusers class's defaults (a saved config may leave defaults out)."""
+    import inspect
+
+    import diffusers
+
+    params = inspect.signature(getattr(diffusers, scheduler["_class_name"]).__init__).parameters.values()
+    return {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **scheduler}
+
+
+def edm_diffusion(scheduler: dict, where: Path) -> dict:
+    """An EDM scheduler's config (diffusers' ``EDMDPMSolverMultistepScheduler``, ``EDMEulerScheduler``
+    or Stable Audio's ``CosineDPMSolverMultistepScheduler``) as multidiff's ``diffusion`` node: EDM
+    preconditioning with the scheduler's ``sigma_data``, prediction type and noise map (``ln(sigma)/4``;
+    ``atan(sigma) 2/pi`` for the cosine one), its Karras or exponential grid."""
+    name = scheduler["_class_name"]
+    cfg = _scheduler_settings(scheduler)
+
+    def refuse(what: str) -> PretrainedError:
+        return PretrainedError(f"{where} ({name}) asks for {what}, which multidiff's EDM schedule does not implement; "
+                               "supported: prediction_type epsilon or v_prediction, sigma_schedule karras or "
+                               "exponential, final_sigmas_type zero")
+
+    prediction = cfg.get("prediction_type")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise refuse(f"prediction_type={prediction!r}")
+    if cfg.get("final_sigmas_type", "zero") != "zero":
+        raise refuse(f"final_sigmas_type={cfg.get('final_sigmas_type')!r}")
+    lo, hi = float(cfg["sigma_min"]), float(cfg["sigma_max"])
+    if cfg.get("sigma_schedule") == "exponential":
+        schedule = {"_target_": "multidiff.core.schedules.ExponentialSchedule", "sigma_min": lo, "sigma_max": hi}
+    elif cfg.get("sigma_schedule") == "karras":
+        schedule = {"_target_": "multidiff.core.schedules.KarrasSchedule", "sigma_min": lo, "sigma_max": hi,
+                    "rho": float(cfg.get("rho", 7.0))}
+    else:
+        raise refuse(f"sigma_schedule={cfg.get('sigma_schedule')!r}")
+    cosine = name == "CosineDPMSolverMultistepScheduler"
+    return {"schedule": schedule,
+            "parameterization": {"_target_": "multidiff.core.denoiser.EDMPrecond",
+                                 "sigma_data": float(cfg["sigma_data"]), "c_noise": "atan" if cosine else "log",
+                                 "negate_output": prediction == "v_prediction",
+                                 "marginal_start": True},  # diffusers' init_noise_sigma = sqrt(sigma_max^2 + 1)
+            # training density: the cosine model's v-diffusion time is uniform, ln(tan(pi t / 2)) has std pi/2
+            "noise": {"_target_": "multidiff.core.noise.LogNormalSigma", "p_mean": 0.0 if cosine else -1.2,
+                      "p_std": 1.57 if cosine else 1.2},
+            "loss_weighting": "none", "noise_prior": None}
+
+
+def _stable_audio(path: Path, configs: dict[str, dict], index: dict) -> DictConfig:
+    transformer, vae, text, projection = (configs[k] for k in ("transformer", "vae", "text_encoder", "projection_model"))
+    vae = {"downsampling_ratios": [2, 4, 4, 8, 8], "audio_channels": 2, "sampling_rate": 44100,
+           "encoder_hidden_size": 128, "decoder_input_channels": 64, **vae}
+    width = int(projection["conditioning_dim"])
+    for ok, what in (
+        (int(transformer["in_channels"]) == int(vae["decoder_input_channels"]),
+         f"transformer/ takes {transformer['in_channels']} channels but vae/ makes {vae['decoder_input_channels']}-channel "
+         "latents"),
+        (int(projection["text_encoder_dim"]) == int(text["d_model"]),
+         f"projection_model/ takes {projection['text_encoder_dim']}-wide text but text_encoder/ makes "
+         f"{text['d_model']}-wide tokens"),
+        (int(transformer["cross_attention_input_dim"]) == width and int(transformer["global_states_input_dim"]) == 2 * width,
+         f"projection_model/ makes {width}-wide conditioning but transformer/ takes {transformer['cross_attention_input_dim']}"
+         f"-wide tokens and a {transformer['global_states_input_dim']}-wide global state (twice the tokens' width)"),
+        (int(vae["encoder_hidden_size"]) == 2 * int(vae["decoder_input_channels"]),
+         f"vae/ encodes to {int(vae['encoder_hidden_size']) // 2}-channel latents (encoder_hidden_size / 2) but decodes "
+         f"{vae['decoder_input_channels']}-channel ones"),
+    ):
+        if not ok:
+            raise PretrainedError(f"{path}: {what}; the pipeline's parts do not belong together")
+    hop = math.prod(int(r) for r in vae["downsampling_ratios"])
+    rate, positions = int(vae["sampling_rate"]), int(transformer["sample_size"])
+    cfg = {
+        "modality": {"_target_": "multidiff.adapters.waveform.WaveformAdapter", "sample_rate": rate,
+                     "channels": int(vae["audio_channels"]), "duration": positions * hop / rate, "window": True},
+        "autoencoder": {"_target_": "multidiff.autoencoders.diffusers_vae.DiffusersAutoencoder",
+                        "path": str(path / "vae"), "scale_mode": "pretrained"},
+        "backbone": {"_target_": "multidiff.backbones.pretrained.PretrainedStableAudioDiT",
+                     "path": str(path / "transformer"), "projection_path": str(path / "projection_model"),
+                     "seconds_per_position": hop / rate},
+        "diffusion": edm_diffusion(configs["scheduler"], path / "scheduler"),
+        "conditioning": {
+            "encoder": {"_target_": "multidiff.conditioning.text.TextConditioner", "encoder": str(path),
+                        "tokenizer_subfolder": "tokenizer", "encoder_subfolder": "text_encoder",
+                        "encoder_class": index["text_encoder"][1], "max_length": None, "padding": "mask",
+                        "null": "zeros", "sha256": None},
+            "dim": int(text["d_model"]), "dropout": 0.1},
+        "pretrained": {"family": "StableAudioPipeline", "path": str(path)},
+    }
+    return OmegaConf.create(cfg)
+
+
+_STABLE_AUDIO_COMPONENTS = {
+    "transformer": Component("diffusers", ("StableAudioDiTModel",), ("config.json",), weights=True),
+    "vae": Component("diffusers", ("AutoencoderOobleck",), ("config.json",), weights=True),
+    "text_encoder": Component("transformers", ("T5EncoderModel",), ("config.json",), weights=True),
+    "tokenizer": Component("transformers", ("T5Tokenizer", "T5TokenizerFast", "AutoTokenizer"),
+                           ("tokenizer.json", "spiece.model", "tokenizer_config.json")),
+    # diffusers defines it beside the pipeline and names that module as its library
+    "projection_model": Component("stable_audio", ("StableAudioProjectionModel",), ("config.json",), weights=True),
+    "scheduler": Component("diffusers", _EDM_SCHEDULERS, ("scheduler_config.json",)),
+}
+
 FAMILIES: dict[str, Family] = {
     "StableDiffusionPipeline": Family(_SD_COMPONENTS, _stable_diffusion, "image"),
+    "StableAudioPipeline": Family(_STABLE_AUDIO_COMPONENTS, _stable_audio, "audio"),
     "WanPipeline": Family(_WAN_COMPONENTS, _wan, "video"),
 }
 """The pipeline classes multidiff imports, by ``model_index.json``'s ``_class_name``."""
 
-PLANNED = ("StableAudioPipeline",)  # named in the refusal, so users know they are coming
+PLANNED: tuple[str, ...] = ()  # named in the refusal, so users know they are coming
 
 
 def is_pipeline_dir(path: str | Path) -> bool:
@@ -275,7 +384,7 @@ def pipeline_config(path: str | Path) -> DictConfig:
             problems.append(f"model_index.json has no {key} entry")
             continue
         library, cls = entry
-        if library not in LIBRARIES:
+        if library not in LIBRARIES and library != part.library:
             raise PretrainedError(
                 f"{path}/model_index.json takes {key} from {library!r} ({cls}): custom code, which multidiff never "
                 f"runs; a {name} takes {key} from {part.library} ({' or '.join(part.classes)})")

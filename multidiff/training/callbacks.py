@@ -95,7 +95,7 @@ class SamplePreviews(L.Callback):
             pl_module.ema, pl_module.conditioner, flat, seeds,
             data_shape if stage is None else stage.latent_shape(data_shape), self.sampler,
             self.schedule.sigmas(self.steps), guidance_scale=self.guidance_scale, device=pl_module.device,
-            modality=self.modality,
+            modality=self.modality, inputs=self.adapter.condition_inputs(),
         )
         raws = [raw.cpu() for raw in decode_samples(stage, self.adapter, z, data_shape)]
         stem = self.run_dir / "samples" / f"step_{trainer.global_step:06d}{'_' + self.name if self.name else ''}"

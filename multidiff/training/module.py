@@ -140,7 +140,8 @@ class DiffusionModule(L.LightningModule):
             cond = self.prompt_cond(batch)
             keep = torch.rand(b * world, generator=rng, device=x0.device)[rank::world] >= self.cond_dropout
             if self.cond_dropout > 0:
-                null = self.conditioner.encode_trainable([""]) if self.text_lora else self.conditioner.null()
+                null = (self.conditioner.encode_trainable([""]) if self.text_lora and getattr(self.conditioner, "null_kind", "")
+                        != "zeros" else self.conditioner.null())
                 cond = Cond.where(keep, cond, null)
         with torch.no_grad():
             if self.mask_sampler is not None:

@@ -271,3 +271,26 @@ def test_min_snr_weight(kind, weight):
 def test_unknown_loss_weighting_raises():
     with pytest.raises(ValueError):
         Denoiser(nn.Identity(), EpsPrediction(VP), loss_weighting="p2")
+
+
+def test_edm_options_match_diffusers_edm_schedulers():
+    """c_noise atan (the cosine scheduler's), v_prediction's negated output, and diffusers' start."""
+    import math
+
+    from diffusers import CosineDPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler
+
+    from multidiff.core.denoiser import EDMPrecond
+
+    sigma = torch.tensor([0.3, 1.0, 40.0, 500.0])
+    x, out = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), torch.randn(4, 3)
+    for cls, c_noise in ((CosineDPMSolverMultistepScheduler, "atan"), (EDMDPMSolverMultistepScheduler, "log")):
+        ref = cls(sigma_min=0.3, sigma_max=500.0, sigma_data=1.0, prediction_type="v_prediction")
+        param = EDMPrecond(sigma_data=1.0, c_noise=c_noise, negate_output=True, marginal_start=True)
+        assert torch.allclose(param.c_noise(sigma), ref.precondition_noise(sigma), atol=1e-6)
+        c_skip, c_out, c_in = (s[:, None] for s in param.scalings(sigma))
+        assert torch.allclose(c_skip * x + c_out * out, ref.precondition_outputs(x, out, sigma[:, None]), atol=1e-6)
+        assert torch.allclose(c_in * x, ref.precondition_inputs(x, sigma[:, None]), atol=1e-7)
+        assert param.start_scale(500.0) == pytest.approx(ref.init_noise_sigma, rel=1e-12)
+    assert EDMPrecond().start_scale(80.0) == 80.0 and EDMPrecond().c_noise(torch.tensor([math.e ** 4])).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="c_noise='cos' is not one of log, atan"):
+        EDMPrecond(c_noise="cos")

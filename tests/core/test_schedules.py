@@ -329,3 +329,20 @@ def test_flow_spacings_match_diffusers_flow_schedulers(shift, steps):
     assert torch.isfinite(sigmas).all() and (sigmas[:-1] > sigmas[1:]).all()
     with pytest.raises(ValueError, match="flow spacing"):
         FlowSchedule(spacing="leading")
+
+
+@pytest.mark.parametrize("steps", [1, 4, 25])
+@pytest.mark.parametrize("cls_name", ["EDMDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler"])
+def test_exponential_and_karras_grids_equal_diffusers_edm_schedulers(steps, cls_name):
+    import diffusers
+
+    from multidiff.core.schedules import ExponentialSchedule, KarrasSchedule
+
+    # the exponential grid is computed in float32 as diffusers does; multidiff's Karras grid in float64 (1.2e-6 apart)
+    for ours, kind, rtol in ((ExponentialSchedule(0.3, 500.0), "exponential", 1e-7),
+                             (KarrasSchedule(0.3, 500.0, 7.0), "karras", 1e-5)):
+        ref = getattr(diffusers, cls_name)(sigma_min=0.3, sigma_max=500.0, sigma_schedule=kind)
+        ref.set_timesteps(steps)
+        assert torch.allclose(ours.sigmas(steps), ref.sigmas.float(), rtol=rtol, atol=0), kind
+    with pytest.raises(ValueError, match="0 < sigma_min < sigma_max"):
+        ExponentialSchedule(5.0, 1.0)
