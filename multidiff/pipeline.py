@@ -371,18 +371,19 @@ def build_from(cfg: DictConfig, source: str | Path) -> ModelParts:
     return parts
 
 
-def merge_all_loras(parts) -> bool:
+def merge_all_loras(parts) -> set[str]:
     """Fold every LoRA adapter of the backbone and of the text encoder of ``parts`` (a :class:`ModelParts`
-    or a :class:`Pipeline`) into their weights (the text encoder stays frozen); whether there were any."""
-    merged = False
+    or a :class:`Pipeline`) into their weights (the text encoder stays frozen); which parts had any
+    (``backbone``, ``text_encoder``)."""
+    merged = set()
     if has_lora(parts.denoiser.backbone):
         merge_lora(parts.denoiser.backbone)
-        merged = True
+        merged.add("backbone")
     text_model = getattr(parts.conditioner, "model", None)
     if isinstance(text_model, torch.nn.Module) and has_lora(text_model):
         merge_lora(text_model).requires_grad_(False)
         parts.conditioner.refresh()
-        merged = True
+        merged.add("text_encoder")
     return merged
 
 

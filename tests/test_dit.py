@@ -227,3 +227,40 @@ def test_a_model_trained_at_one_length_generates_at_twice_that_length():
         assert right.float().mean() >= 0.9, (n, right.float().mean())
         assert share.median() >= 0.8, (n, share.median())
         assert 0.5 <= out.std().item() <= 0.9, (n, out.std())  # a unit sine: std 0.71
+
+
+def _frame_dependence(net: DiT, x: torch.Tensor, cond: Cond) -> float:
+    """How much the first two frames' output moves when the last frames' input does."""
+    with torch.no_grad():
+        y = net(x, torch.tensor([0.5, 0.5]), cond)
+        x2 = x.clone()
+        x2[:, :, -2:] += 1.0
+        return (net(x2, torch.tensor([0.5, 0.5]), cond)[:, :, :2] - y[:, :, :2]).abs().max().item()
+
+
+def test_factorized_time_attends_within_frames_then_across_them():
+    shape = (3, 8, 6, 6)
+    x, cond = torch.randn(2, *shape, generator=torch.Generator().manual_seed(2)), text_cond(2)
+    net = tiny(shape, factorized_time=True)
+    assert _frame_dependence(net, x, cond) > 1e-3  # the temporal attention carries information across frames
+    for block in net.blocks:  # its adaLN-Zero gate closed: every frame is computed on its own
+        with torch.no_grad():
+            block.ada[1].weight[8 * 48:].zero_()
+            block.ada[1].bias[8 * 48:].zero_()
+    assert _frame_dependence(net, x, cond) == 0.0
+    assert _frame_dependence(tiny(shape), x, cond) > 1e-3  # full attention mixes frames in every block
+    fresh = DiT(shape=shape, patch_size=2, hidden_size=48, depth=2, num_heads=4, factorized_time=True)
+    assert all(float(b.ada[1].weight.abs().sum()) == 0 for b in fresh.blocks)  # starts as the identity, as every gate
+
+
+def test_factorized_time_skips_time_for_single_frames_and_keeps_other_ranks_whole():
+    net = tiny((3, 8, 6, 6), factorized_time=True).train()
+    out = net(torch.randn(2, 3, 1, 6, 6), torch.tensor([0.3, 0.6]), text_cond(2))  # sliced frames: clips of one
+    out.square().mean().backward()
+    assert out.shape == (2, 3, 1, 6, 6)
+    assert all(b.time_attn.q.weight.grad is None for b in net.blocks)  # no temporal attention ran
+    assert net.blocks[0].attn.q.weight.grad is not None
+    image = tiny((1, 15, 9), factorized_time=True)  # not a clip: full attention, no error
+    assert image(torch.randn(2, 1, 15, 9), torch.tensor([0.3, 0.6]), text_cond(2)).shape == (2, 1, 15, 9)
+    with pytest.raises(BackboneShapeError, match="does not combine with joint_attention=true"):
+        DiT(shape=(3, 8, 6, 6), factorized_time=True, joint_attention=True)

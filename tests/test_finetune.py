@@ -149,18 +149,6 @@ def test_cli_lora_fine_tuning_changes_only_the_adapters_and_reloads(lora_run, sd
     torch.testing.assert_close(again, tuned, atol=1e-4, rtol=0)
 
 
-def test_a_stopped_lora_run_resumes_exactly(lora_run, sd_dir, tmp_path, data_root):
-    run = tmp_path / "run"
-    common = ["train", *LORA_RUN, f"init_from={sd_dir}", f"run_dir={run}", f"data_root={data_root}"]
-    proc = multidiff_cli(*common, "training.inject_signal_at_step=3", "training.inject_signal=SIGTERM")
-    assert "stopped by signal" in proc.stdout
-    multidiff_cli(*common, "resume=auto")
-    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    straight = torch.load(lora_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert_same_weights(resumed, straight)
-    assert_same_weights(load_file(run / "model" / "lora.safetensors"), load_file(lora_run / "model" / "lora.safetensors"))
-
-
 def test_lora_without_a_model_to_start_from_is_refused(tmp_path, data_root):
     proc = multidiff_cli("train", "recipe=image_digits", "lora.rank=4", f"run_dir={tmp_path / 'r'}",
                          f"data_root={data_root}", check=False)
@@ -298,18 +286,21 @@ def test_lora_on_the_text_encoder_trains_exports_and_loads_with_the_backbones(te
     torch.testing.assert_close(again, tuned, atol=1e-4, rtol=0)
 
 
-def test_a_stopped_text_encoder_lora_run_resumes_exactly(text_lora_run, sd_dir, tmp_path, data_root):
+@pytest.mark.parametrize("fixture,extra,files", [
+    ("lora_run", (), ("lora.safetensors",)),
+    ("text_lora_run", ("lora.text_encoder=true",), ("lora.safetensors", "text_encoder/lora.safetensors")),
+], ids=["backbone", "and-text-encoder"])
+def test_a_stopped_lora_run_resumes_exactly(request, fixture, extra, files, sd_dir, tmp_path, data_root):
+    straight = request.getfixturevalue(fixture)  # the same run, uninterrupted
     run = tmp_path / "run"
-    common = ["train", *LORA_RUN, "lora.text_encoder=true", f"init_from={sd_dir}", f"run_dir={run}",
-              f"data_root={data_root}"]
+    common = ["train", *LORA_RUN, *extra, f"init_from={sd_dir}", f"run_dir={run}", f"data_root={data_root}"]
     proc = multidiff_cli(*common, "training.inject_signal_at_step=3", "training.inject_signal=SIGTERM")
     assert "stopped by signal" in proc.stdout
     multidiff_cli(*common, "resume=auto")
-    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    straight = torch.load(text_lora_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert_same_weights(resumed, straight)
-    for name in ("lora.safetensors", "text_encoder/lora.safetensors"):
-        assert_same_weights(load_file(run / "model" / name), load_file(text_lora_run / "model" / name))
+    assert_same_weights(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"],
+                        torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
+    for name in files:
+        assert_same_weights(load_file(run / "model" / name), load_file(straight / "model" / name))
 
 
 def test_text_encoder_lora_needs_adapters_and_prompts(sd_dir, tmp_path, data_root):

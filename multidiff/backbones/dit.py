@@ -16,6 +16,12 @@ One class serves every rank (DiT, Peebles & Xie 2023, made rank-free):
   token keeps a key for empty prompts), or with ``joint_attention=True`` MMDiT-style joint
   attention (SD3, Esser et al. 2024): the text tokens get their own weights and modulation and
   attend together with the patches in one attention;
+- **space-time factorized attention** (``factorized_time=True``, clips only): each block attends
+  within every frame (2-D RoPE over height and width) and then across frames at every position
+  (1-D RoPE over time, its own adaLN-Zero gate, so it starts switched off), as the video UNet's
+  temporal layers and Latte / CogVideo-style factorized DiTs do; a clip of one frame (the single
+  frames of slice training, ``training.slice_items``) skips the temporal attention, so frames
+  teach shapes without pulling the motion towards still clips;
 - **several modalities in one model** (``modalities``): each modality (an image, a spectrogram, a
   clip: any ranks and channel counts) gets its own patch size, patch embedding and output layer,
   and a learned modality embedding joins the noise level's; every block is shared. A batch says
@@ -150,24 +156,51 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).flatten(2))
 
 
-class DiTBlock(nn.Module):
-    """adaLN-Zero self-attention (RoPE) -> cross-attention to the text -> MLP."""
+@dataclass(frozen=True)
+class SpaceTimeRope:
+    """Rotary tables of a factorized block: within a frame (``space``) and across ``frames``
+    (``time``); tokens are in C order, so token ``n`` is frame ``n // (N / frames)``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    space: tuple[Tensor, Tensor]
+    time: tuple[Tensor, Tensor]
+    frames: int
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero self-attention (RoPE) -> cross-attention to the text -> MLP; with ``temporal``, the
+    self-attention is within each frame, followed by attention across frames (its own adaLN-Zero)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, temporal: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads)
+        if temporal:
+            self.norm_time = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.time_attn = Attention(dim, num_heads)
+        self.temporal = temporal
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.cross = Attention(dim, num_heads)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, mlp_ratio)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, (9 if temporal else 6) * dim))
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
 
     def forward(self, x: Tensor, c: Tensor, text: Tensor, mask: Tensor | None, rope) -> tuple[Tensor, Tensor]:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope=rope)
+        mods = self.ada(c).chunk(9 if self.temporal else 6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods[:6]
+        if isinstance(rope, SpaceTimeRope):
+            b, n, d = x.shape
+            t = rope.frames
+            y = modulate(self.norm1(x), shift1, scale1).reshape(b * t, n // t, d)
+            x = x + gate1[:, None] * self.attn(y, rope=rope.space).reshape(b, n, d)
+            if t > 1:  # one frame (an image, a sliced frame): nothing to attend to across time
+                shift_t, scale_t, gate_t = mods[6:]
+                y = modulate(self.norm_time(x), shift_t, scale_t).reshape(b, t, n // t, d).transpose(1, 2)
+                y = self.time_attn(y.reshape(b * (n // t), t, d), rope=rope.time)
+                x = x + gate_t[:, None] * y.reshape(b, n // t, t, d).transpose(1, 2).reshape(b, n, d)
+        else:
+            x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope=rope)
         x = x + self.cross(self.norm2(x), text, mask=mask)
         x = x + gate2[:, None] * self.mlp(modulate(self.norm3(x), shift2, scale2))
         return x, text
@@ -257,6 +290,8 @@ class DiT(Backbone):
         pooled_dim: width of ``cond.pooled`` added to the noise embedding (``None``: ignore it).
         num_classes: class labels (label ``num_classes`` is the null label; ``None``: no labels).
         joint_attention: MMDiT-style joint attention instead of cross-attention.
+        factorized_time: space-time factorized self-attention for clips (rank-3 items, time first):
+            within each frame, then across frames; other ranks keep full attention.
         rope_theta: base of the rotary frequencies.
         gradient_checkpointing: recompute blocks in the backward pass (less memory, ~30% more time).
         concat_channels: extra input channels for mask conditioning (zero-initialised).
@@ -272,7 +307,8 @@ class DiT(Backbone):
     def __init__(self, *, shape: Sequence[int], patch_size: int | Sequence[int] = 2, hidden_size: int = 256,
                  depth: int = 6, num_heads: int = 4, mlp_ratio: float = 4.0, cross_attention_dim: int | None = None,
                  pooled_dim: int | None = None, num_classes: int | None = None, joint_attention: bool = False,
-                 rope_theta: float = 10_000.0, gradient_checkpointing: bool = False, concat_channels: int = 0,
+                 factorized_time: bool = False, rope_theta: float = 10_000.0, gradient_checkpointing: bool = False,
+                 concat_channels: int = 0,
                  out_channels: int | None = None, modalities: Mapping[str, Mapping] | None = None) -> None:
         super().__init__(shape=shape, concat_channels=concat_channels)
         rank = len(self.shape) - 1
@@ -283,7 +319,10 @@ class DiT(Backbone):
         self.hidden_size, self.rope_theta = hidden_size, rope_theta
         self.rope_split = rope_split(hidden_size // num_heads, rank)
         self.gradient_checkpointing = gradient_checkpointing
-        self.joint_attention = joint_attention
+        self.joint_attention, self.factorized_time = joint_attention, bool(factorized_time)
+        if self.factorized_time and joint_attention:
+            raise BackboneShapeError("DiT: factorized_time=true factorizes the self-attention of cross-attention "
+                                     "blocks; it does not combine with joint_attention=true (choose one)")
         self.modalities = self._modality_specs(modalities, patch_size, hidden_size // num_heads, out_channels)
         if self.modalities:  # one patch embedding and output layer per modality, a learned modality embedding
             self.embed = nn.ModuleDict({n: nn.Linear(m.in_features, hidden_size) for n, m in self.modalities.items()})
@@ -302,8 +341,11 @@ class DiT(Backbone):
         self.cross_attention_dim = cross_attention_dim
         self.context = nn.Linear(cross_attention_dim, hidden_size) if cross_attention_dim else None
         self.null_token = nn.Parameter(torch.zeros(1, 1, hidden_size))  # always real: a key for empty prompts
-        block = JointBlock if joint_attention else DiTBlock
-        self.blocks = nn.ModuleList([block(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        if joint_attention:
+            self.blocks = nn.ModuleList([JointBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        else:
+            self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, temporal=self.factorized_time)
+                                         for _ in range(depth)])
         self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         finals = list(self.final.values()) if self.modalities else [self.final]
@@ -388,7 +430,11 @@ class DiT(Backbone):
         if modality is not None:
             c = c + self.modality_embedding.weight[modality.index].to(c.dtype)
         text, mask = self.text(cond, h)
-        rope = rope_angles(grid, split, theta=self.rope_theta, device=x.device)
+        if self.factorized_time and len(grid) == 3:  # a clip: (time, height, width)
+            rope = SpaceTimeRope(rope_angles(grid[1:], split[1:], theta=self.rope_theta, device=x.device),
+                                 rope_angles(grid[:1], split[:1], theta=self.rope_theta, device=x.device), grid[0])
+        else:
+            rope = rope_angles(grid, split, theta=self.rope_theta, device=x.device)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h, text = checkpoint(block, h, c, text, mask, rope, use_reentrant=False)

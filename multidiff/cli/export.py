@@ -47,7 +47,6 @@ class ExportOptions(Options):
 
 def run(cfg: DictConfig) -> Path:
     """Load ``model`` with its LoRAs, fold them into the weights and write ``out`` as a plain model."""
-    from multidiff.backbones.lora import has_lora
     from multidiff.pipeline import Pipeline, export_model, merge_all_loras
     from multidiff.pretrained.export import PretrainedError, diffusers_family, diffusers_problems, export_diffusers
 
@@ -62,13 +61,11 @@ def run(cfg: DictConfig) -> Path:
         raise ConfigError(f"format=diffusers: {opts.model} cannot be written as a diffusers {diffusers_family(pipe)}: "
                           + "; ".join(problems) + ". Export it with format=multidiff instead")
     backbone = pipe.denoiser.backbone
-    text_model = getattr(pipe.conditioner, "model", None)
-    text_adapted = text_model is not None and has_lora(text_model)
     merged = merge_all_loras(pipe)  # the backbone's adapters and the text encoder's
     try:
         written = (export_diffusers(pipe, out) if opts.format == "diffusers"
                    else export_model(out, pipe.config, backbone, stage=pipe.stage, conditioner=pipe.conditioner,
-                                     text_encoder_changed=text_adapted))
+                                     text_encoder_changed="text_encoder" in merged))
     except PretrainedError as e:
         raise ConfigError(str(e)) from None
     print(f"exported {opts.model}{' with its LoRA merged' if merged else ''} to {written} ({opts.format})")
