@@ -19,6 +19,8 @@ DEPENDENCY_WARNINGS = (
     (r".*your dataloader is not resumable", r"lightning\.pytorch\..*"),
     # The frozen text encoder and the EMA copy are in eval mode on purpose.
     (r".*module\(s\) in eval mode at the start of training", r"lightning\.pytorch\..*"),
+    # diffusers' AutoencoderOobleck (Stable Audio's VAE) builds its layers with torch's older weight_norm API.
+    (r"`torch\.nn\.utils\.weight_norm` is deprecated", r"torch\.nn\.utils\.weight_norm"),
 )
 
 
