@@ -114,6 +114,8 @@ def main() -> None:
     model = Path(args.model)
     extra: dict = {"recipe": args.recipe, "model": str(model)}
     if args.train:
+        if args.train_args:  # the overrides on top of the recipe: the record says what ran
+            extra["train_args"] = args.train_args
         extra.update(video.train(model.parent, args.data_root, args.train_args.split(), recipe=args.recipe))
     metrics = model.parent / "logs" / "metrics.csv"
     if metrics.is_file():

@@ -193,6 +193,8 @@ def main() -> None:
     ae_model = model.parent.parent / "AE" / "model"
     if args.train:
         overrides = args.train_args.split()
+        if args.train_args:  # the overrides on top of the recipe: the record says what ran
+            extra["train_args"] = args.train_args
         if args.autoencoder_recipe:
             ae = train(ae_model.parent, args.data_root, [], recipe=args.autoencoder_recipe)
             extra["autoencoder_minutes"] = ae["train_minutes"]

@@ -66,6 +66,8 @@ def test_a_stable_audio_directory_imports_as_a_multidiff_waveform_model(audio_di
     assert cond.tokens.shape == (1, 16, 8)  # the tokenizer's model_max_length, T5's width
     null = pipe.conditioner.null()
     assert not null.mask.any() and null.tokens.abs().sum() == 0  # Stable Audio's unconditional branch: zeros
+    assert null.tokens.shape == cond.tokens.shape and null.pooled.shape == cond.pooled.shape  # no encoder call, same shapes
+    assert null.tokens.dtype == cond.tokens.dtype and null.mask.dtype == cond.mask.dtype
     assert pipe.adapter.condition_inputs(duration=0.1) == {"seconds": [0.0, 0.1]}
     from diffusers import StableAudioDiTModel
 

@@ -58,6 +58,28 @@ def resample(wave: Tensor, orig_sr: int, new_sr: int) -> Tensor:
     return AF.resample(wave, orig_sr, new_sr)
 
 
+def seconds_to_samples(duration: float, sample_rate: int) -> int:
+    """Samples in ``duration`` seconds at ``sample_rate`` (at least one); a non-positive or
+    non-numeric duration is refused naming the value."""
+    if isinstance(duration, bool) or not isinstance(duration, int | float) or not math.isfinite(duration) \
+            or duration <= 0:
+        raise ValueError(f"duration={duration!r} is invalid: it must be a positive number of seconds")
+    return max(1, round(duration * sample_rate))
+
+
+def write_audio(path: str | Path, wave: Tensor, sample_rate: int, *, subtype: str = "PCM_16") -> None:
+    """Write ``(channels, samples)`` with soundfile; the suffix picks the format (``subtype`` for
+    ``.wav``). Samples are clipped to ``[-1, 1]``: integer PCM would wrap around otherwise."""
+    import soundfile as sf
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SOUNDFILE_SUBTYPES:
+        raise ValueError(f"cannot write {path}: audio is written as {', '.join(SOUNDFILE_SUBTYPES)}")
+    data = wave.detach().float().clamp(-1, 1).cpu().numpy().T
+    sf.write(str(path), data, sample_rate, subtype=SOUNDFILE_SUBTYPES[suffix] or subtype)
+
+
 def fit_samples(wave: Tensor, length: int, *, crop: str = "start") -> Tensor:
     """``(..., n)`` cropped (``"start"`` keeps the beginning, ``"center"`` the middle) or zero-padded
     at the end to ``(..., length)``."""
@@ -163,10 +185,7 @@ class AudioAdapter(Adapter):
         """Waveform length for ``duration`` seconds (the training length when ``None``)."""
         if duration is None:
             return self.frames * self.spec.hop_length
-        if isinstance(duration, bool) or not isinstance(duration, int | float) or not math.isfinite(duration) \
-                or duration <= 0:
-            raise ValueError(f"duration={duration!r} is invalid: it must be a positive number of seconds")
-        return max(1, round(duration * self.sample_rate))
+        return seconds_to_samples(duration, self.sample_rate)
 
     def frames_for(self, num_samples: int) -> int:
         """Spectrogram frames covering ``num_samples`` (the last one partly)."""
@@ -247,14 +266,7 @@ class AudioAdapter(Adapter):
 
         Samples are clipped to ``[-1, 1]``: integer PCM would wrap around otherwise.
         """
-        import soundfile as sf
-
-        path = Path(path)
-        suffix = path.suffix.lower()
-        if suffix not in SOUNDFILE_SUBTYPES:
-            raise ValueError(f"cannot write {path}: audio is written as {', '.join(SOUNDFILE_SUBTYPES)}")
-        data = raw.detach().float().reshape(-1).clamp(-1, 1).cpu().numpy()
-        sf.write(str(path), data, self.sample_rate, subtype=SOUNDFILE_SUBTYPES[suffix] or self.subtype)
+        write_audio(path, raw.detach().float().reshape(1, -1), self.sample_rate, subtype=self.subtype)
 
     # -- tensors -------------------------------------------------------------------------------
 

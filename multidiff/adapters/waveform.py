@@ -15,13 +15,12 @@ window, conditioned on the requested ``duration``, and the output is cropped to 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from multidiff.adapters.audio import SOUNDFILE_SUBTYPES, fit_samples, log_audio_media, read_audio, resample
+from multidiff.adapters.audio import fit_samples, log_audio_media, read_audio, resample, seconds_to_samples, write_audio
 from multidiff.adapters.base import Adapter, GenerationOption
 
 
@@ -69,10 +68,7 @@ class WaveformAdapter(Adapter):
         window is refused where the model generates its window."""
         if duration is None:
             return self.samples
-        if isinstance(duration, bool) or not isinstance(duration, int | float) or not math.isfinite(duration) \
-                or duration <= 0:
-            raise ValueError(f"duration={duration!r} is invalid: it must be a positive number of seconds")
-        n = max(1, round(duration * self.sample_rate))
+        n = seconds_to_samples(duration, self.sample_rate)
         if self.window and n > self.samples:
             raise ValueError(f"duration={duration:g} is longer than this model's {self.duration:g} s window, the "
                              f"longest it generates; ask for at most duration={self.duration:g}")
@@ -128,14 +124,7 @@ class WaveformAdapter(Adapter):
 
     def save(self, raw: Tensor, path: str | Path) -> None:
         """Write ``(channels, samples)`` at ``sample_rate``; samples are clipped to ``[-1, 1]``."""
-        import soundfile as sf
-
-        path = Path(path)
-        suffix = path.suffix.lower()
-        if suffix not in SOUNDFILE_SUBTYPES:
-            raise ValueError(f"cannot write {path}: audio is written as {', '.join(SOUNDFILE_SUBTYPES)}")
-        data = self._fit_channels(raw.detach().float()).clamp(-1, 1).cpu().numpy().T
-        sf.write(str(path), data, self.sample_rate, subtype=SOUNDFILE_SUBTYPES[suffix] or self.subtype)
+        write_audio(path, self._fit_channels(raw.detach().float()), self.sample_rate, subtype=self.subtype)
 
     # -- tensors -------------------------------------------------------------------------------
 

@@ -289,10 +289,13 @@ class TextConditioner:
 
     def null(self, batch: int = 1) -> Cond:
         """The null condition (the empty prompt, or zeros: ``null``) for classifier-free guidance, batch ``batch``."""
-        null = self._null if self._null is not None else self.encode([""])
-        if self.null_kind == "zeros" and self._null is None:
-            null = Cond(tokens=torch.zeros_like(null.tokens), mask=torch.zeros_like(null.mask),
-                        pooled=torch.zeros_like(null.pooled))
+        null = self._null
+        if null is None and self.null_kind == "zeros":  # no encoder call: every encoding is max_length long
+            null = Cond(tokens=torch.zeros(1, self.max_length, self.dim, device=self.device),
+                        mask=torch.zeros(1, self.max_length, dtype=torch.bool, device=self.device),
+                        pooled=torch.zeros(1, self.dim, device=self.device))
+        elif null is None:
+            null = self.encode([""])
         if self.cache_size > 0:
             self._null = null
         return null.repeat_interleave(batch)
